@@ -1,0 +1,217 @@
+"""The composition root: the one place that builds and wires every part of a running gateway.
+
+Three visible phases: start (database, HTTP, broker link, pipeline), serve until ``stop()``,
+and a graceful drain bounded by ``GATEWAY_SHUTDOWN_TIMEOUT_S``: stop taking messages, finish
+and acknowledge the batch in hand, publish ``offline``, disconnect, close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway import __version__
+from gateway.config import Settings
+from gateway.core.auth import KeyRing, TokenVerifier
+from gateway.core.rules import Limits, iso
+from gateway.core.topics import Topics
+from gateway.deadletters import DeadLetterWriter
+from gateway.errors import ConfigError, StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.service import Service
+from gateway.store.migrate import load_migrations
+from gateway.store.postgres import PostgresStore
+from gateway.transport.dispatch import Dispatcher
+from gateway.transport.http import HttpSidecar, start_http
+from gateway.transport.mqtt import MqttLink
+from gateway.transport.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_units=settings.max_units,
+        max_session_hours=settings.max_session_hours,
+        clock_skew_s=settings.clock_skew_s,
+        late_sync_grace_s=settings.late_sync_grace_s,
+        max_bulk=settings.max_bulk,
+    )
+
+
+def verifier_from(settings: Settings) -> TokenVerifier:
+    settings.require_jwt_keys()
+    keys = KeyRing(secret=settings.jwt_secret)
+    return TokenVerifier(
+        keys,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+        leeway_s=settings.jwt_leeway_s,
+    )
+
+
+async def connect_store(settings: Settings, stopping: asyncio.Event) -> PostgresStore | None:
+    """Connect to PostgreSQL, waiting with backoff while it is unreachable (None if stopped)."""
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            store = await PostgresStore.connect(
+                settings.database_url, max_size=settings.database_pool_size
+            )
+        except StoreUnavailable as exc:
+            log.warning(
+                "waiting for PostgreSQL at %s: %s (retry in %.1f s)",
+                settings.database_display,
+                exc,
+                delay,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, 10)
+            continue
+        await check_schema(store)
+        return store
+    return None
+
+
+async def check_schema(store: PostgresStore) -> None:
+    latest = load_migrations()[-1].version
+    async with store._conn() as conn:
+        applied = await conn.fetchval(
+            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN NULL "
+            "ELSE (SELECT max(version) FROM schema_migrations) END"
+        )
+    if applied is None or applied < latest:
+        await store.close()
+        raise ConfigError(
+            f"the database schema is at version {applied or 0}, this gateway needs {latest}: "
+            "run `gateway migrate` first"
+        )
+
+
+class Gateway:
+    """A running gateway. ``await run()``; ``stop()`` from a signal handler or a test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.metrics = Metrics()
+        self.verifier = verifier_from(settings)
+        self.limits = limits_from(settings)
+        self._stopping = asyncio.Event()
+        self.started = asyncio.Event()
+        self.http_port: int | None = None
+        self.store: PostgresStore | None = None
+        self.link: MqttLink | None = None
+        self.pipeline: Pipeline | None = None
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _status(self, status: str) -> bytes:
+        return orjson.dumps(
+            {
+                "status": status,
+                "instance": self.settings.mqtt_client_id,
+                "version": __version__,
+                "at": iso(datetime.now(UTC)),
+            }
+        )
+
+    def ready(self) -> dict[str, bool]:
+        return {
+            "database": self.store is not None
+            and (self.pipeline is None or self.pipeline.store_ok),
+            "broker": self.link is not None and self.link.connected,
+        }
+
+    async def run(self, on_started: Callable[[Gateway], Any] | None = None) -> None:
+        s = self.settings
+        store = await connect_store(s, self._stopping)
+        if store is None:
+            return
+        self.store = store
+        service = Service(store, self.limits)
+        dead_letters = DeadLetterWriter(store, self.metrics, payload_cap=s.dead_letter_payload_cap)
+        dispatcher = Dispatcher(
+            service,
+            self.verifier,
+            self.topics,
+            max_payload_bytes=s.max_payload_bytes,
+            max_json_depth=s.max_json_depth,
+            on_refused=dead_letters,
+        )
+        link = MqttLink(
+            s,
+            subscriptions=self.topics.subscriptions(s.share_group),
+            status_topic=self.topics.gateway_status,
+            online_payload=lambda: self._status("online"),
+            offline_payload=self._status("offline"),
+        )
+        pipeline = Pipeline(
+            link,
+            dispatcher,
+            self.metrics,
+            batch_max=s.batch_max,
+            batch_wait_s=s.batch_wait_ms / 1000,
+        )
+        link.on_message = pipeline.submit
+        link.on_disconnected = pipeline.connection_lost
+        self.link, self.pipeline = link, pipeline
+        self.metrics.gauge("gateway_backlog", lambda: pipeline.backlog)
+        self.metrics.gauge("gateway_unacked", lambda: pipeline.unacked)
+        self.metrics.gauge("gateway_unconfirmed_publishes", lambda: link.unconfirmed_publishes)
+        sidecar = HttpSidecar(service, self.verifier, self.metrics, ready=self.ready)
+        runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
+        log.info("http sidecar on %s:%d", s.http_host, self.http_port)
+        tasks = {
+            "link": asyncio.create_task(link.run(), name="mqtt-link"),
+            "pipeline": asyncio.create_task(pipeline.run(), name="pipeline"),
+            "dead-letters": asyncio.create_task(dead_letters.run(), name="dead-letters"),
+        }
+        try:
+            await link.wait_connected()
+            self.started.set()
+            if on_started is not None:
+                on_started(self)
+            stop_wait = asyncio.create_task(self._stopping.wait())
+            done, _ = await asyncio.wait(
+                [stop_wait, *tasks.values()], return_when=asyncio.FIRST_COMPLETED
+            )
+            stop_wait.cancel()
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    log.error("task %s failed", task.get_name(), exc_info=task.exception())
+        finally:
+            await self._drain(tasks, dead_letters, runner, store)
+
+    async def _drain(
+        self,
+        tasks: dict[str, asyncio.Task[None]],
+        dead_letters: DeadLetterWriter,
+        runner: Any,
+        store: PostgresStore,
+    ) -> None:
+        timeout = self.settings.shutdown_timeout_s
+        log.info("stopping: finishing the batch in hand (at most %.0f s)", timeout)
+        assert self.pipeline is not None and self.link is not None
+        self.pipeline.stop()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(tasks["pipeline"]), timeout)
+        self.link.stop()
+        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(tasks["link"]), 5)
+        await dead_letters.close()
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await runner.cleanup()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(store.close(), 5)
+        log.info("stopped")

@@ -1,0 +1,162 @@
+"""The ``gateway`` command: run, dev, migrate, seed, token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError, GatewayError, InvalidRequest, StoreUnavailable
+from gateway.logs import setup_logging
+
+log = logging.getLogger("gateway")
+
+_TTL = re.compile(r"^(\d+)([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> int:
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` -> seconds."""
+    match = _TTL.match(text.strip())
+    if not match or int(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 3600, 30m, 1h or 7d")
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+def install_signal_handlers(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+async def _run(settings: Settings) -> None:
+    from gateway.app import Gateway
+
+    gateway = Gateway(settings)
+    install_signal_handlers(gateway.stop)
+    await gateway.run()
+
+
+def cmd_run(_args: argparse.Namespace) -> int:
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    settings.require_jwt_keys()
+    asyncio.run(_run(settings))
+    return 0
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from gateway.store.migrate import migrate
+
+    settings = load_settings()
+    setup_logging(settings.log_level, "text")
+    applied = asyncio.run(migrate(settings.database_url))
+    print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from gateway.core.seedfile import parse_seed
+    from gateway.store.postgres import PostgresStore
+
+    settings = load_settings()
+    setup_logging(settings.log_level, "text")
+    path = Path(args.file)
+    if not path.is_file():
+        raise ConfigError(f"seed file {path} not found")
+    seed = parse_seed(path.read_text(encoding="utf-8"), name=path.name)
+
+    async def apply() -> dict[str, int]:
+        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        try:
+            return await store.seed(seed)
+        finally:
+            await store.close()
+
+    counts = asyncio.run(apply())
+    print("seeded " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.core.auth import mint_token
+
+    settings = load_settings()
+    if not settings.jwt_secret:
+        raise ConfigError("gateway token signs with GATEWAY_JWT_SECRET (HS256): set it first")
+    print(
+        mint_token(
+            settings.jwt_secret,
+            args.sub,
+            ttl_s=args.ttl,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from gateway.devmode import run_dev
+
+    return run_dev(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway", description="Hydrobit production gateway (MQTT <-> PostgreSQL)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the gateway, configured by GATEWAY_* variables")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("dev", help="run everything locally: PostgreSQL, Mosquitto, gateway")
+    p.add_argument("--keep", action="store_true", help="keep the data folder on exit")
+    p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser("migrate", help="apply pending database migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("seed", help="load companies, users, projects, sectors (YAML or JSON)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("token", help="mint an HS256 development token")
+    p.add_argument("--sub", required=True, help="the user (auth0Id)")
+    p.add_argument("--ttl", type=parse_ttl, default=3600, help="lifetime: 3600, 30m, 1h, 7d")
+    p.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except InvalidRequest as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(
+            f"error: {exc}. Is PostgreSQL running and GATEWAY_DATABASE_URL right?", file=sys.stderr
+        )
+        return 1
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

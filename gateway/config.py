@@ -1,0 +1,175 @@
+"""Settings: every ``GATEWAY_*`` variable of SPEC §6, built once and frozen."""
+
+from __future__ import annotations
+
+import socket
+from functools import cached_property
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+DEFAULT_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 9001, "wss": 9443}
+
+
+class MqttEndpoint:
+    """The parts of ``GATEWAY_MQTT_URL`` the transport needs."""
+
+    __slots__ = ("host", "path", "port", "scheme")
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_MQTT_PORTS:
+            raise ValueError(
+                f"unsupported scheme {parts.scheme!r}: use mqtt://, mqtts://, ws:// or wss://"
+            )
+        if not parts.hostname:
+            raise ValueError("the URL has no host, e.g. mqtt://127.0.0.1:1883")
+        self.scheme = parts.scheme
+        self.host = parts.hostname
+        self.port = parts.port or DEFAULT_MQTT_PORTS[parts.scheme]
+        self.path = parts.path or "/mqtt"
+
+    @property
+    def websocket(self) -> bool:
+        return self.scheme in ("ws", "wss")
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme in ("mqtts", "wss")
+
+
+def _default_client_id() -> str:
+    return f"hydrobit-gateway-{socket.gethostname()}"
+
+
+class Settings(BaseSettings):
+    """The gateway's configuration, read from ``GATEWAY_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://hydrobit@127.0.0.1:5432/hydrobit"
+    database_pool_size: int = Field(default=8, ge=1, le=100)
+
+    mqtt_url: str = "mqtt://127.0.0.1:1883"
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
+    mqtt_client_id: str = Field(default_factory=_default_client_id, min_length=1, max_length=128)
+    mqtt_session_expiry_s: int = Field(default=86_400, ge=1, le=4_294_967_295)
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_ca_file: str | None = None
+    mqtt_tls_insecure: bool = False
+
+    topic_prefix: str = "hydrobit/v2"
+    share_group: str = "hydrobit-gateway"
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+
+    jwt_secret: str | None = None
+    jwt_jwks: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    jwt_leeway_s: int = Field(default=30, ge=0, le=600)
+
+    max_payload_bytes: int = Field(default=262_144, ge=1024, le=268_435_455)
+    max_json_depth: int = Field(default=16, ge=2, le=512)
+    max_bulk: int = Field(default=1_000, ge=1, le=100_000)
+    max_units: float = Field(default=100_000, gt=0)
+    max_session_hours: float = Field(default=48, gt=0, le=24 * 366)
+    late_sync_grace_s: int = Field(default=0, ge=0)
+    clock_skew_s: int = Field(default=300, ge=0)
+    state_retain_s: int = Field(default=7 * 86_400, ge=1, le=4_294_967_295)
+    rate_limit_per_s: float = Field(default=0, ge=0)
+    rate_limit_burst: int = Field(default=0, ge=0)
+
+    batch_max: int = Field(default=256, ge=1, le=10_000)
+    batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    max_inflight: int = Field(default=2_000, ge=1, le=60_000)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    state_interval_s: float = Field(default=0.25, gt=0)
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    dead_letter_payload_cap: int = Field(default=4_096, ge=0)
+
+    log_level: str = "INFO"
+    log_format: str = Field(default="json", pattern="^(json|text)$")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must look like postgresql://user:password@host:5432/dbname")
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _check_mqtt_url(cls, value: str) -> str:
+        MqttEndpoint(value)
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        value = value.strip("/")
+        if not value or any(c in value for c in "+#\x00") or value.startswith("$"):
+            raise ValueError("must be a plain topic path such as hydrobit/v2 (no + # or $)")
+        return value
+
+    @field_validator("share_group")
+    @classmethod
+    def _check_group(cls, value: str) -> str:
+        if not value or any(c in value for c in "/+#\x00"):
+            raise ValueError("must be a single topic level without / + #")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return value
+
+    @model_validator(mode="after")
+    def _check_jwt_keys(self) -> Settings:
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ValueError(
+                "GATEWAY_JWT_SECRET must be at least 32 bytes for HS256 "
+                "(generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return self
+
+    @cached_property
+    def mqtt(self) -> MqttEndpoint:
+        return MqttEndpoint(self.mqtt_url)
+
+    @property
+    def database_display(self) -> str:
+        """The database URL without its password, for logs."""
+        parts = urlsplit(self.database_url)
+        host = parts.hostname or ""
+        user = unquote(parts.username or "")
+        return f"{parts.scheme}://{user}@{host}:{parts.port or 5432}{parts.path}"
+
+    def require_jwt_keys(self) -> None:
+        """Refuse to serve without a way to verify tokens."""
+        if not self.jwt_secret and not self.jwt_jwks:
+            raise ConfigError(
+                "no JWT key configured: set GATEWAY_JWT_SECRET (HS256, >= 32 bytes) "
+                "and/or GATEWAY_JWT_JWKS (path or https URL of a JWKS)"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings once, turning pydantic's errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            name = f"GATEWAY_{loc.upper()}" if loc else "configuration"
+            lines.append(f"  {name}: {err['msg']}")
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None

@@ -1,0 +1,202 @@
+"""JWT verification (SPEC §3): a token in, a ``Claims`` out, or ``Unauthorized``.
+
+Pure: keys are given (the HS256 secret, a parsed JWKS); the clock is injected. The algorithm is
+pinned by the key that verifies it, so ``alg: none`` and algorithm confusion cannot pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt import PyJWK, PyJWKSet
+
+from gateway.errors import Unauthorized
+
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "PS256"})
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a verified token says about its bearer."""
+
+    sub: str
+    exp: float
+
+
+class KeyRing:
+    """The keys tokens may be signed with: an HS256 secret and/or a JWKS (RS256/ES256)."""
+
+    def __init__(self, *, secret: str | None = None, jwks: Mapping[str, Any] | None = None):
+        self.secret = secret
+        self._by_kid: dict[str, PyJWK] = {}
+        if jwks is not None:
+            self.replace_jwks(jwks)
+
+    def replace_jwks(self, jwks: Mapping[str, Any]) -> None:
+        keys: dict[str, PyJWK] = {}
+        for key in PyJWKSet.from_dict(dict(jwks)).keys:
+            if key.key_id and key.algorithm_name in ASYMMETRIC_ALGORITHMS:
+                keys[key.key_id] = key
+        self._by_kid = keys
+
+    @property
+    def has_jwks(self) -> bool:
+        return bool(self._by_kid)
+
+    def by_kid(self, kid: str) -> PyJWK | None:
+        return self._by_kid.get(kid)
+
+
+def bearer_token(value: str | None) -> str:
+    """The JWT inside an ``authorization`` value (``Bearer <jwt>``)."""
+    if not value:
+        raise Unauthorized(
+            "missing token: send the user property authorization = 'Bearer <jwt>' "
+            '(MQTT 3.1.1: the payload field "authorization")'
+        )
+    scheme, _, token = value.strip().partition(" ")
+    if token and scheme.lower() == "bearer":
+        return token.strip()
+    if not token and value.count(".") == 2:
+        return value.strip()
+    raise Unauthorized("malformed authorization: expected 'Bearer <jwt>'")
+
+
+class TokenVerifier:
+    """Verifies tokens against a key ring; remembers verified tokens (bounded, exp re-checked)."""
+
+    def __init__(
+        self,
+        keys: KeyRing,
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway_s: float = 30,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keys = keys
+        self.audience = audience
+        self.issuer = issuer
+        self.leeway_s = leeway_s
+        self._clock = clock
+        self._cache: dict[str, Claims] = {}
+        self._cache_size = cache_size
+        self.unknown_kids: set[str] = set()
+
+    def verify(self, authorization: str | None) -> Claims:
+        token = bearer_token(authorization)
+        cached = self._cache.get(token)
+        now = self._clock()
+        if cached is not None:
+            if cached.exp + self.leeway_s < now:
+                del self._cache[token]
+                raise Unauthorized("token expired: get a new one")
+            return cached
+        claims = self._verify_uncached(token, now)
+        if len(self._cache) >= self._cache_size:
+            # FIFO eviction: drop the oldest eighth so the cost is amortised.
+            for old in list(self._cache)[: max(1, self._cache_size // 8)]:
+                del self._cache[old]
+        self._cache[token] = claims
+        return claims
+
+    def _key_for(self, header: Mapping[str, Any]) -> tuple[Any, str]:
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if kid is not None:
+            if not isinstance(kid, str):
+                raise Unauthorized("token header kid must be a string")
+            jwk = self.keys.by_kid(kid)
+            if jwk is None:
+                self.unknown_kids.add(kid)
+                raise Unauthorized(f"token signed with unknown key id {kid!r}")
+            return jwk, jwk.algorithm_name
+        if self.keys.has_jwks and not self.keys.secret:
+            raise Unauthorized("token header must name its key (kid) from the JWKS")
+        if self.keys.secret is None:
+            raise Unauthorized("no key can verify this token")
+        if alg != "HS256":
+            raise Unauthorized(f"token algorithm {alg!r} not accepted without a kid; use HS256")
+        return self.keys.secret, "HS256"
+
+    def _verify_uncached(self, token: str, now: float) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+            key, alg = self._key_for(header)
+            payload = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": self.audience is not None,
+                    "verify_iss": self.issuer is not None,
+                },
+            )
+        except Unauthorized:
+            raise
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthorized(f"token lacks the {exc.claim!r} claim") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthorized("token audience is not accepted here") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthorized("token issuer is not accepted here") from None
+        except jwt.InvalidSignatureError:
+            raise Unauthorized("token signature is invalid") from None
+        except jwt.InvalidAlgorithmError:
+            raise Unauthorized("token algorithm is not accepted for its key") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"token is invalid: {exc}") from None
+        except (ValueError, TypeError):
+            raise Unauthorized("token is malformed") from None
+        return self._check_claims(payload, now)
+
+    def _check_claims(self, payload: Mapping[str, Any], now: float) -> Claims:
+        sub, exp, nbf = payload.get("sub"), payload.get("exp"), payload.get("nbf")
+        if not isinstance(sub, str) or not sub:
+            raise Unauthorized("token sub must be a non-empty string")
+        if not _is_number(exp):
+            raise Unauthorized("token exp must be a number (seconds since the epoch)")
+        assert isinstance(exp, int | float)
+        if float(exp) + self.leeway_s < now:
+            raise Unauthorized("token expired: get a new one")
+        if nbf is not None:
+            if not _is_number(nbf):
+                raise Unauthorized("token nbf must be a number")
+            assert isinstance(nbf, int | float)
+            if float(nbf) - self.leeway_s > now:
+                raise Unauthorized("token is not valid yet (nbf in the future)")
+        return Claims(sub=sub, exp=float(exp))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def mint_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl_s: float,
+    audience: str | None = None,
+    issuer: str | None = None,
+    now: float | None = None,
+) -> str:
+    """An HS256 development token (``gateway token``)."""
+    issued = int(now if now is not None else time.time())
+    claims: dict[str, Any] = {"sub": sub, "iat": issued, "exp": issued + int(ttl_s)}
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm="HS256")

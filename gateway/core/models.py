@@ -1,0 +1,265 @@
+"""Request payloads: bytes -> envelope + typed request, with the seeds' field names.
+
+Pure: no I/O. Every refusal is an ``InvalidRequest`` (or ``PayloadTooLarge``) whose message names
+the field and what to send instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, TypeVar
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+
+ENVELOPE_FIELDS = ("authorization", "replyTo", "requestId", "auth0Id")
+
+ID_MAX = 128
+NAME_MAX = 256
+NOTES_MAX = 2_000
+
+
+def _parse_instant(value: object) -> datetime:
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z")
+    text = value.strip()
+    if "T" not in text and " " not in text:
+        raise ValueError("must include a time, e.g. 2025-10-19T14:30:00.000Z")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            "must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z"
+        ) from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+Instant = Annotated[datetime, BeforeValidator(_parse_instant)]
+Id = Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX)]
+Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=False)
+
+
+class Bonus(BaseModel):
+    """A session bonus: ``percent`` scales the amount, ``fixed`` adds once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["percent", "fixed"]
+    value: NonNegative
+    note: Annotated[StrictStr, Field(max_length=NAME_MAX)] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "value": number_out(self.value)}
+        if self.note is not None:
+            out["note"] = self.note
+        return out
+
+
+class OpenSession(_Request):
+    projectId: Id
+    openedAt: Instant | None = None
+    sectorId: Id | None = None
+    sector_name: Name | None = None
+    samplingUnit: Name | None = None
+    pricePerUnit: NonNegative | None = None
+    bonus: Bonus | None = None
+    maxDurationHours: Positive | None = None
+    notes: Notes | None = None
+
+
+class UpdateSession(_Request):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sessionId: Id | None = None
+    samplingUnit: Name | None = None
+    pricePerUnit: NonNegative | None = None
+    bonus: Bonus | None = None
+    notes: Notes | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields the device actually sent (a ``null`` clears bonus or notes)."""
+        return {k: getattr(self, k) for k in self.model_fields_set if k != "sessionId"}
+
+
+class ExtendSession(_Request):
+    sessionId: Id | None = None
+    maxDurationHours: Positive
+
+
+class SessionCommand(_Request):
+    """Get and close carry nothing but the (optional) matching sessionId."""
+
+    sessionId: Id | None = None
+
+
+class CreateRecord(_Request):
+    sessionId: Id | None = None
+    workerId: Id
+    worker_name: Name
+    units: NonNegative = 1.0
+    recordedAtUtc: Instant
+    clientEventId: Id
+    idempotencyKey: Id | None = None
+
+    @field_validator("units")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class BulkRecords(_Request):
+    records: list[Any]
+
+
+class VoidRecord(_Request):
+    reason: Annotated[StrictStr, Field(min_length=1, max_length=NOTES_MAX)]
+
+
+class RecordCommand(_Request):
+    recordId: Id | None = None
+
+
+class CheckIdempotency(_Request):
+    key: Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Fields allowed in every payload that are never part of its content."""
+
+    authorization: str | None = None
+    reply_to: str | None = None
+    request_id: str | int | float | None = None
+    auth0_id: str | None = None
+    invalid: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        """Refuse envelope fields of the wrong type (they were set aside, not trusted)."""
+        if self.invalid:
+            names = ", ".join(self.invalid)
+            raise InvalidRequest(
+                f"envelope field(s) {names} must be strings",
+                {"fields": [{"field": n, "message": "must be a string"} for n in self.invalid]},
+            )
+
+
+EMPTY_ENVELOPE = Envelope()
+
+
+def number_out(value: float) -> float | int:
+    """A JSON number as a person wrote it: 5, not 5.0."""
+    if value == int(value) and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
+def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
+    """The payload as a JSON object, or the error that refuses it."""
+    if len(raw) > max_bytes:
+        raise PayloadTooLarge(
+            f"payload is {len(raw)} bytes; the limit is {max_bytes}",
+            {"size": len(raw), "limit": max_bytes},
+        )
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"payload is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"payload must be a JSON object, got {type(data).__name__}; see SPEC §4"
+        )
+    # Counting brackets is C-speed; only a payload that could be too deep gets walked.
+    if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(data, max_depth):
+        raise InvalidRequest(f"payload nests deeper than {max_depth} levels")
+    return data
+
+
+def take_envelope(data: dict[str, Any]) -> Envelope:
+    """Remove the envelope fields from ``data`` and return them (ill-typed ones are dropped)."""
+    if not any(k in data for k in ENVELOPE_FIELDS):
+        return EMPTY_ENVELOPE
+    invalid: list[str] = []
+    texts: dict[str, str | None] = {}
+    for name in ("authorization", "replyTo", "auth0Id"):
+        value = data.pop(name, None)
+        if value is None or isinstance(value, str):
+            texts[name] = value
+        else:
+            texts[name] = None
+            invalid.append(name)
+    request_id = data.pop("requestId", None)
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
+        invalid.append("requestId")
+        request_id = None
+    elif isinstance(request_id, str) and len(request_id) > NAME_MAX:
+        request_id = request_id[:NAME_MAX]
+    return Envelope(
+        authorization=texts["authorization"],
+        reply_to=texts["replyTo"],
+        request_id=request_id,
+        auth0_id=texts["auth0Id"],
+        invalid=tuple(invalid),
+    )
+
+
+def validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
+    """One readable InvalidRequest from pydantic's errors, naming every bad field."""
+    fields = []
+    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "payload"
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "is not a field you may send here"
+        fields.append({"field": prefix + loc, "message": msg})
+    summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+    return InvalidRequest(f"invalid payload: {summary}", {"fields": fields})
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: object, prefix: str = "") -> M:
+    """``model`` from ``data``, or an InvalidRequest naming the bad fields."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, prefix) from None

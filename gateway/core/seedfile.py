@@ -1,0 +1,86 @@
+"""The seed file of SPEC §6 (YAML or the same structure in JSON), parsed and checked."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gateway.core.models import Bonus, Id, Name, validation_error
+from gateway.core.rules import zone
+from gateway.errors import InvalidRequest
+
+
+class _Seed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SeedCompany(_Seed):
+    companyId: Id
+    name: Name
+
+
+class SeedUser(_Seed):
+    auth0Id: Annotated[str, Field(min_length=1, max_length=256)]
+    companyId: Id
+
+
+class SeedSector(_Seed):
+    sectorId: Id
+    sector_name: Name
+
+
+class SeedProject(_Seed):
+    projectId: Id
+    companyId: Id
+    name: Name
+    timezone: str
+    samplingUnit: Name = "unit"
+    pricePerUnit: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0
+    bonus: Bonus | None = None
+    maxDurationHours: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 12
+    sectors: list[SeedSector] = []
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            zone(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+
+class SeedFile(_Seed):
+    companies: list[SeedCompany] = []
+    users: list[SeedUser] = []
+    projects: list[SeedProject] = []
+
+    @model_validator(mode="after")
+    def _references(self) -> SeedFile:
+        known = {c.companyId for c in self.companies}
+        for user in self.users:
+            if user.companyId not in known:
+                raise ValueError(f"user {user.auth0Id} names unknown company {user.companyId}")
+        for project in self.projects:
+            if project.companyId not in known:
+                raise ValueError(
+                    f"project {project.projectId} names unknown company {project.companyId}"
+                )
+        return self
+
+
+def parse_seed(text: str, *, name: str = "seed") -> SeedFile:
+    """A seed file from YAML or JSON text; InvalidRequest says what is wrong and where."""
+    try:
+        data = orjson.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
+        raise InvalidRequest(f"{name}: cannot parse: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{name}: expected a mapping with companies, users and projects")
+    try:
+        return SeedFile.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc, prefix=f"{name}: ") from None

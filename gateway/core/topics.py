@@ -1,0 +1,131 @@
+"""The topic grammar of SPEC §2: parse request topics, build reply, event and state topics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Op(StrEnum):
+    """A request operation, named after the seed endpoint it mirrors."""
+
+    OPEN_SESSION = "sessions.open"
+    GET_SESSION = "sessions.get"
+    UPDATE_SESSION = "sessions.update"
+    CLOSE_SESSION = "sessions.close"
+    EXTEND_SESSION = "sessions.extend"
+    CREATE_RECORD = "records.create"
+    BULK_RECORDS = "records.bulk"
+    GET_RECORD = "records.get"
+    VOID_RECORD = "records.void"
+    CHECK_IDEMPOTENCY = "records.check"
+
+
+_SESSION_ACTIONS = {
+    "get": Op.GET_SESSION,
+    "update": Op.UPDATE_SESSION,
+    "close": Op.CLOSE_SESSION,
+    "extend": Op.EXTEND_SESSION,
+    "records": Op.CREATE_RECORD,
+}
+_RECORD_ACTIONS = {"get": Op.GET_RECORD, "void": Op.VOID_RECORD}
+
+MAX_ID_LENGTH = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a request topic asks for."""
+
+    op: Op
+    session_id: str | None = None
+    record_id: str | None = None
+
+
+def _valid_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value
+
+
+class Topics:
+    """Every topic the gateway reads or writes, under one prefix."""
+
+    __slots__ = ("_n", "_parts", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix.strip("/")
+        self._parts = tuple(self.prefix.split("/"))
+        self._n = len(self._parts)
+
+    def parse(self, topic: str) -> Route | None:
+        """The route of a request topic, or None if it is not one (or names no valid id)."""
+        levels = topic.split("/")
+        n = self._n
+        if len(levels) < n + 2 or tuple(levels[:n]) != self._parts:
+            return None
+        rest = levels[n:]
+        kind = rest[0]
+        if kind == "sessions":
+            if len(rest) == 2 and rest[1] == "open":
+                return Route(Op.OPEN_SESSION)
+            if len(rest) == 3 and rest[2] in _SESSION_ACTIONS and _valid_id(rest[1]):
+                return Route(_SESSION_ACTIONS[rest[2]], session_id=rest[1])
+        elif kind == "records":
+            if len(rest) == 2:
+                if rest[1] == "bulk":
+                    return Route(Op.BULK_RECORDS)
+                if rest[1] == "check-idempotency":
+                    return Route(Op.CHECK_IDEMPOTENCY)
+            elif len(rest) == 3 and rest[2] in _RECORD_ACTIONS and _valid_id(rest[1]):
+                return Route(_RECORD_ACTIONS[rest[2]], record_id=rest[1])
+        return None
+
+    def subscriptions(self, group: str) -> list[str]:
+        """Shared subscription filters: exactly the request topics, nothing the gateway writes."""
+        p = self.prefix
+        filters = [
+            f"{p}/sessions/open",
+            *(f"{p}/sessions/+/{action}" for action in _SESSION_ACTIONS),
+            f"{p}/records/bulk",
+            f"{p}/records/check-idempotency",
+            *(f"{p}/records/+/{action}" for action in _RECORD_ACTIONS),
+        ]
+        return [f"$share/{group}/{f}" for f in filters]
+
+    def default_reply(self, request_topic: str) -> str:
+        return f"{request_topic}/reply"
+
+    def events(self, session_id: str) -> str:
+        return f"{self.prefix}/sessions/{session_id}/events"
+
+    def state(self, session_id: str) -> str:
+        return f"{self.prefix}/sessions/{session_id}/state"
+
+    @property
+    def gateway_status(self) -> str:
+        return f"{self.prefix}/gateway/status"
+
+    def client_replies(self, client_id: str) -> str:
+        """The per-client reply folder that the broker ACL lets only that client read."""
+        return f"{self.prefix}/clients/{client_id}"
+
+    def reply_allowed(self, topic: str) -> bool:
+        """May the gateway publish a reply to ``topic``?
+
+        Not to a wildcard or system topic, and never to a topic the gateway itself consumes
+        (a reply would come back as a request) or owns (events, state, status).
+        """
+        if not topic or len(topic) > 1024 or topic.startswith("$"):
+            return False
+        if "+" in topic or "#" in topic or "\x00" in topic:
+            return False
+        if self.parse(topic) is not None:
+            return False
+        levels = topic.split("/")
+        n = self._n
+        if tuple(levels[:n]) == self._parts:
+            rest = levels[n:]
+            if rest[:1] == ["gateway"]:
+                return False
+            if len(rest) == 3 and rest[0] == "sessions" and rest[2] in ("events", "state"):
+                return False
+        return True

@@ -1,0 +1,79 @@
+"""Dead letters: every refused request, written in the background so good traffic never waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+
+from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.store.postgres import DeadLetter, PostgresStore
+from gateway.transport.dispatch import Refusal
+
+log = logging.getLogger(__name__)
+
+FLUSH_EVERY_S = 0.5
+FLUSH_AT = 500
+MAX_BUFFERED = 50_000
+
+
+class DeadLetterWriter:
+    """Buffers refusals and inserts them in batches; bounded, so an outage cannot eat memory."""
+
+    def __init__(self, store: PostgresStore, metrics: Metrics, *, payload_cap: int) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._cap = payload_cap
+        self._buffer: deque[DeadLetter] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def __call__(self, refusal: Refusal) -> None:
+        m = refusal.msg
+        if len(self._buffer) >= MAX_BUFFERED:
+            self._buffer.popleft()
+            self._metrics.inc("gateway_dead_letters_dropped_total")
+        self._buffer.append(
+            DeadLetter(
+                received_at=m.received_at,
+                topic=m.topic,
+                reason=refusal.code,
+                message=refusal.message[:1000],
+                auth0_id=refusal.auth0_id,
+                payload=m.payload[: self._cap],
+                payload_size=len(m.payload),
+                truncated=len(m.payload) > self._cap,
+            )
+        )
+        self._metrics.inc_labelled("gateway_refused_total", "code", refusal.code)
+        if len(self._buffer) >= FLUSH_AT:
+            self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), FLUSH_EVERY_S)
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        while self._buffer:
+            batch = [self._buffer[i] for i in range(min(len(self._buffer), 1000))]
+            try:
+                await self._store.add_dead_letters(batch)
+            except StoreUnavailable as exc:
+                log.warning("dead letters wait for the database: %s", exc)
+                return
+            except Exception:
+                log.exception("dead letters could not be written; dropping %d", len(batch))
+            for _ in batch:
+                self._buffer.popleft()
+            self._metrics.inc("gateway_dead_letters_total", len(batch))
+
+    async def close(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flush(), 5)

@@ -1,0 +1,162 @@
+"""``gateway dev``: the embedded default of SPEC §6, from nothing to a reply in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import Settings, load_settings
+from gateway.core.auth import mint_token
+from gateway.core.models import OpenSession
+from gateway.core.rules import Limits, Principal
+from gateway.core.seedfile import SeedFile
+from gateway.devstack import DevStackError, MosquittoServer, PostgresServer, free_port
+from gateway.logs import setup_logging
+
+DEMO_USER = "user_123456789"
+DEMO_SEED = {
+    "companies": [{"companyId": "comp_12345", "name": "Demo Farms"}],
+    "users": [{"auth0Id": DEMO_USER, "companyId": "comp_12345"}],
+    "projects": [
+        {
+            "projectId": "proj_123",
+            "companyId": "comp_12345",
+            "name": "Berries 2025",
+            "timezone": "America/Mexico_City",
+            "samplingUnit": "box",
+            "pricePerUnit": 5.5,
+            "bonus": {"type": "percent", "value": 10, "note": "High quality bonus"},
+            "maxDurationHours": 12,
+            "sectors": [{"sectorId": "sector_001", "sector_name": "Lote A-1"}],
+        }
+    ],
+}
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _prepare(settings: Settings) -> str:
+    """Migrate, seed the demo tenant and open a demo session; return its id."""
+    from gateway.service import Service
+    from gateway.store.migrate import migrate
+    from gateway.store.postgres import PostgresStore
+
+    await migrate(settings.database_url)
+    store = await PostgresStore.connect(settings.database_url, max_size=2)
+    try:
+        await store.seed(SeedFile.model_validate(DEMO_SEED))
+        service = Service(store, Limits())
+        who = Principal(DEMO_USER, "comp_12345")
+        now = datetime.now(UTC)
+        opened = await service.open_session(
+            who,
+            OpenSession.model_validate({"projectId": "proj_123", "sectorId": "sector_001"}),
+            now,
+        )
+        return str(opened["sessionId"])
+    finally:
+        await store.close()
+
+
+def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: str) -> str:
+    token = mint_token(settings.jwt_secret or "", DEMO_USER, ttl_s=24 * 3600)
+    p = settings.topic_prefix
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    auth = f"Bearer {token}"
+    record = (
+        '{"workerId":"JS0315","worker_name":"John Smith","units":5,'
+        f'"recordedAtUtc":"{now}","clientEventId":"evt_demo_0001","requestId":"demo-1"}}'
+    )
+    open_payload = '{"projectId":"proj_123","sectorId":"sector_001","requestId":"open-1"}'
+    base = f"-h 127.0.0.1 -p {mqtt_port} -V mqttv5"
+    pub = f"mosquitto_pub {base} -q 1 -D publish user-property authorization {shlex.quote(auth)}"
+    key = f"client:{session_id}:JS0315:evt_demo_0001"
+    http = f"http://127.0.0.1:{settings.http_port}"
+    return "\n".join(
+        [
+            "",
+            "Hydrobit gateway (dev) is running. In a second terminal:",
+            "",
+            "  # 1. watch everything: replies, events, retained state",
+            f"  mosquitto_sub {base} -t '{p}/#' -v",
+            "",
+            "  # 2. record 5 boxes for worker JS0315 in the demo session (publish it twice:",
+            '  #    the second reply says "idempotent": true)',
+            f"  {pub} -t '{p}/sessions/{session_id}/records' -m '{record}'",
+            "",
+            "  # open (or re-open: same owner gets the same session back) the demo session",
+            f"  {pub} -t '{p}/sessions/open' -m '{open_payload}'",
+            "",
+            "  # 3. the HEAD idempotency check: 200 for the key above, 404 for an unknown one",
+            f"  curl -I -H 'Authorization: {auth}' \\",
+            f"    '{http}/api/control/production/records/check-idempotency?key={key}'",
+            "",
+            f"Demo user {DEMO_USER}, session {session_id}.",
+            f"Broker: mqtt://127.0.0.1:{mqtt_port} (devices: ws://127.0.0.1:{ws_port}/mqtt)",
+            f"Token (24 h): {token}",
+            "Ctrl-C stops the gateway, the broker and the database.",
+            "",
+        ]
+    )
+
+
+def run_dev(*, keep: bool = False) -> int:
+    base = load_settings()
+    setup_logging(
+        base.log_level, "text" if "GATEWAY_LOG_FORMAT" not in os.environ else base.log_format
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="hydrobit-dev-"))
+    pg = PostgresServer(workdir)
+    broker = MosquittoServer(workdir, tcp_port=free_port(1883), ws_port=free_port(9001))
+    try:
+        try:
+            _say("starting PostgreSQL ...")
+            pg.start()
+            dsn = pg.create_database("hydrobit")
+            _say(f"PostgreSQL on 127.0.0.1:{pg.port}; starting Mosquitto ...")
+            broker.start()
+        except DevStackError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        settings = load_settings(
+            database_url=dsn,
+            mqtt_url=broker.url,
+            http_port=free_port(base.http_port),
+            jwt_secret=base.jwt_secret or secrets.token_hex(32),
+            mqtt_client_id=f"hydrobit-gateway-dev-{os.getpid()}",
+        )
+        return asyncio.run(_serve(settings, broker))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _say("stopping Mosquitto and PostgreSQL ...")
+        broker.stop()
+        pg.remove()
+        if keep:
+            _say(f"data kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _serve(settings: Settings, broker: MosquittoServer) -> int:
+    from gateway.app import Gateway
+    from gateway.cli import install_signal_handlers
+
+    session_id = await _prepare(settings)
+    gateway = Gateway(settings)
+    install_signal_handlers(gateway.stop)
+    await gateway.run(
+        on_started=lambda g: _say(
+            _instructions(settings, broker.tcp_port, broker.ws_port, session_id)
+        )
+    )
+    return 0

@@ -1,0 +1,376 @@
+"""The operations of SPEC §2, written once and used by both the MQTT and the HTTP transport.
+
+Each operation takes an authenticated ``Principal`` and a validated request, applies the pure
+rules of ``gateway.core`` and lets the store (PostgreSQL) have the final word.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from gateway.core import rules
+from gateway.core.auth import Claims
+from gateway.core.events import EventType, new_event, new_record_id, new_session_id
+from gateway.core.idempotency import RecordContent, resolve_existing, split_client_key
+from gateway.core.models import CreateRecord, OpenSession
+from gateway.core.rules import Limits, Principal, SessionFacts
+from gateway.core.views import Record, Session, record_object, record_preview, session_object
+from gateway.errors import (
+    Forbidden,
+    IdempotencyConflict,
+    Internal,
+    InvalidRequest,
+    NotFound,
+    RequestError,
+    SessionAlreadyOpen,
+    SessionExpired,
+)
+from gateway.store.postgres import NewRecord, NewSession, PostgresStore
+
+log = logging.getLogger(__name__)
+
+MAX_RECORD_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRequest:
+    """One record to create, from a single create or an item of a bulk."""
+
+    who: Principal
+    cmd: CreateRecord
+    session_id: str
+    arrival: datetime
+
+    def content(self) -> RecordContent:
+        c = self.cmd
+        return RecordContent(
+            session_id=self.session_id,
+            worker_id=c.workerId,
+            worker_name=c.worker_name,
+            units=c.units,
+            recorded_at=c.recordedAtUtc,
+            client_event_id=c.clientEventId,
+            idempotency_key=c.idempotencyKey,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAccepted:
+    record: Record
+    idempotent: bool
+
+    def data(self) -> dict[str, Any]:
+        return {
+            "recordId": self.record.record_id,
+            "payloadPreview": record_preview(self.record),
+            "idempotent": self.idempotent,
+        }
+
+
+RecordOutcome = RecordAccepted | RequestError
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """Production sessions and records, over a PostgreSQL store."""
+
+    def __init__(self, store: PostgresStore, limits: Limits) -> None:
+        self.store = store
+        self.limits = limits
+        self._companies: dict[str, str] = {}
+
+    # who is asking --------------------------------------------------------------------------
+
+    async def principals(
+        self, asks: Sequence[tuple[Claims, str | None]]
+    ) -> list[Principal | RequestError]:
+        """The principal of each (verified claims, payload auth0Id); companies in one query."""
+        missing = {c.sub for c, _ in asks if c.sub not in self._companies}
+        if missing:
+            found = await self.store.companies_of(sorted(missing))
+            self._companies.update(found)
+        out: list[Principal | RequestError] = []
+        for claims, auth0_id in asks:
+            company = self._companies.get(claims.sub)
+            if auth0_id is not None and auth0_id != claims.sub:
+                out.append(Forbidden("auth0Id in the payload differs from the token's subject"))
+            elif company is None:
+                out.append(Forbidden(f"user {claims.sub} is not registered with any company"))
+            else:
+                out.append(Principal(claims.sub, company))
+        return out
+
+    async def principal(self, claims: Claims, auth0_id: str | None = None) -> Principal:
+        (result,) = await self.principals([(claims, auth0_id)])
+        if isinstance(result, RequestError):
+            raise result
+        return result
+
+    # sessions -------------------------------------------------------------------------------
+
+    async def open_session(
+        self, who: Principal, cmd: OpenSession, arrival: datetime
+    ) -> dict[str, Any]:
+        project = await self.store.project(cmd.projectId)
+        if project is None or project.company_id != who.company_id:
+            raise NotFound(f"project {cmd.projectId} not found in your company")
+        sector_name = cmd.sector_name
+        if cmd.sectorId is not None:
+            known = await self.store.sector_name(project.project_id, cmd.sectorId)
+            if known is None:
+                raise NotFound(f"sector {cmd.sectorId} not found in project {project.project_id}")
+            sector_name = sector_name or known
+        opened_at = cmd.openedAt or rules.to_millis(arrival)
+        if opened_at > arrival + timedelta(seconds=self.limits.clock_skew_s):
+            raise InvalidRequest(
+                "openedAt is in the future; check the device clock",
+                {"fields": [{"field": "openedAt", "message": "is in the future"}]},
+            )
+        hours = cmd.maxDurationHours or project.max_duration_hours
+        rules.check_duration(hours, self.limits)
+        deadline = rules.deadline(opened_at, hours)
+        if deadline <= arrival:
+            raise SessionExpired(
+                f"a session opened at {rules.iso(opened_at)} for {hours:g} h "
+                f"expired at {rules.iso(deadline)}",
+                {"expiredAt": rules.iso(deadline)},
+            )
+        bonus = cmd.bonus.as_json() if cmd.bonus else project.bonus
+        new = NewSession(
+            session_id=new_session_id(),
+            company_id=who.company_id,
+            project_id=project.project_id,
+            owner=who.sub,
+            sector_id=cmd.sectorId,
+            sector_name=sector_name,
+            timezone=project.timezone,
+            day=rules.session_day(opened_at, project.timezone),
+            opened_at=opened_at,
+            max_duration_hours=hours,
+            expires_at=deadline,
+            sampling_unit=cmd.samplingUnit or project.sampling_unit,
+            price_per_unit=(
+                Decimal(repr(cmd.pricePerUnit))
+                if cmd.pricePerUnit is not None
+                else project.price_per_unit
+            ),
+            bonus=bonus,
+            notes=cmd.notes,
+        )
+        draft = session_object_for_new(new)
+        events = [new_event(EventType.OPENED, new.session_id, draft, arrival)]
+        session, created, _expired = await self.store.open_session(new, arrival, events)
+        if not created:
+            if session.facts.owner != who.sub:
+                raise SessionAlreadyOpen(
+                    f"session {session.session_id} is already open for this project, day "
+                    "and sector by another user",
+                    {"sessionId": session.session_id},
+                )
+            return {**session_object(session), "idempotent": True}
+        return {**session_object(session), "idempotent": False}
+
+    async def get_session(self, who: Principal, session_id: str) -> dict[str, Any]:
+        session = await self.store.session(session_id)
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        rules.check_access(session.facts, who)
+        return session_object(session)
+
+    # records --------------------------------------------------------------------------------
+
+    async def create_records(self, reqs: Sequence[RecordRequest]) -> list[RecordOutcome]:
+        """Create records in as few round trips as the batch allows; one outcome per request.
+
+        New records are inserted with one statement guarded by each session's version. What
+        does not go in is looked up: a replay (same content) answers with the original, a key
+        with different content is a conflict, and a stale decision is made again.
+        """
+        outcomes: list[RecordOutcome | None] = [None] * len(reqs)
+        pending: list[int] = []
+        for i, r in enumerate(reqs):
+            try:
+                self._check_record(r)
+            except RequestError as exc:
+                outcomes[i] = exc
+            else:
+                pending.append(i)
+        ids = {i: new_record_id() for i in pending}
+        for _attempt in range(MAX_RECORD_ATTEMPTS):
+            if not pending:
+                break
+            pending = await self._record_round(reqs, pending, ids, outcomes)
+        for i in pending:
+            log.error("record %s could not be decided", reqs[i].cmd.clientEventId)
+            outcomes[i] = Internal("the record could not be applied; retry with the same ids")
+        return [o if o is not None else Internal("no outcome") for o in outcomes]
+
+    def _check_record(self, r: RecordRequest) -> None:
+        c = r.cmd
+        if c.sessionId is not None and c.sessionId != r.session_id:
+            raise InvalidRequest(
+                f"sessionId {c.sessionId} does not match the topic's session {r.session_id}",
+                {"fields": [{"field": "sessionId", "message": "must match the topic"}]},
+            )
+        rules.check_units(c.units, self.limits)
+        rules.check_recorded_at(c.recordedAtUtc, r.arrival, self.limits.clock_skew_s)
+
+    async def _record_round(
+        self,
+        reqs: Sequence[RecordRequest],
+        pending: list[int],
+        ids: dict[int, str],
+        outcomes: list[RecordOutcome | None],
+    ) -> list[int]:
+        facts = await self.store.session_facts(sorted({reqs[i].session_id for i in pending}))
+        to_insert: list[int] = []
+        refused: dict[int, RequestError] = {}
+        for i in pending:
+            r = reqs[i]
+            f = facts.get(r.session_id)
+            try:
+                if f is None:
+                    raise NotFound(f"session {r.session_id} not found")
+                rules.check_access(f, r.who)
+            except RequestError as exc:
+                outcomes[i] = exc
+                continue
+            try:
+                rules.admit_record(f, r.cmd.recordedAtUtc, r.arrival, self.limits.late_sync_grace_s)
+            except RequestError as exc:
+                refused[i] = exc  # unless it is a replay: answered before the open check
+            else:
+                to_insert.append(i)
+        inserted = await self.store.insert_records(
+            [_new_record(reqs[i], ids[i], facts[reqs[i].session_id].version) for i in to_insert]
+        )
+        for i in to_insert:
+            if ids[i] in inserted:
+                outcomes[i] = RecordAccepted(_accepted_record(reqs[i], ids[i]), idempotent=False)
+        unresolved = [i for i in to_insert if ids[i] not in inserted] + list(refused)
+        if not unresolved:
+            return []
+        by_client, by_idem = await self.store.existing_records(
+            [
+                (reqs[i].session_id, reqs[i].cmd.workerId, reqs[i].cmd.clientEventId)
+                for i in unresolved
+            ],
+            [
+                (reqs[i].who.company_id, k)
+                for i in unresolved
+                if (k := reqs[i].cmd.idempotencyKey) is not None
+            ],
+        )
+        retry: list[int] = []
+        for i in unresolved:
+            r = reqs[i]
+            client = by_client.get((r.session_id, r.cmd.workerId, r.cmd.clientEventId))
+            idem = (
+                by_idem.get((r.who.company_id, r.cmd.idempotencyKey))
+                if r.cmd.idempotencyKey is not None
+                else None
+            )
+            try:
+                stored = resolve_existing(
+                    r.content(),
+                    client.content() if client else None,
+                    idem.content() if idem else None,
+                )
+            except IdempotencyConflict as exc:
+                outcomes[i] = exc
+                continue
+            if stored is not None:
+                original = client if client is not None else idem
+                assert original is not None
+                outcomes[i] = RecordAccepted(original, idempotent=True)
+            elif i in refused:
+                outcomes[i] = refused[i]
+            else:
+                retry.append(i)  # the session changed under us: decide again
+        return retry
+
+    async def get_record(self, who: Principal, record_id: str) -> dict[str, Any]:
+        record = await self.store.record(record_id)
+        if record is None or record.company_id != who.company_id:
+            raise NotFound(f"record {record_id} not found")
+        if record.owner != who.sub:
+            raise Forbidden(f"record {record_id} belongs to another user's session")
+        return record_object(record)
+
+    async def check_key(self, who: Principal, key: str) -> bool:
+        """Does ``key`` (a client key or an idempotencyKey) exist in the caller's company?"""
+        return await self.store.key_exists(who.company_id, key, split_client_key(key))
+
+
+def _new_record(r: RecordRequest, record_id: str, version: int) -> NewRecord:
+    return NewRecord(
+        record_id=record_id,
+        company_id=r.who.company_id,
+        session_id=r.session_id,
+        owner=r.who.sub,
+        worker_id=r.cmd.workerId,
+        worker_name=r.cmd.worker_name,
+        units=r.cmd.units,
+        recorded_at=r.cmd.recordedAtUtc,
+        client_event_id=r.cmd.clientEventId,
+        idempotency_key=r.cmd.idempotencyKey,
+        expected_version=version,
+    )
+
+
+def _accepted_record(r: RecordRequest, record_id: str) -> Record:
+    return Record(
+        record_id=record_id,
+        session_id=r.session_id,
+        company_id=r.who.company_id,
+        owner=r.who.sub,
+        worker_id=r.cmd.workerId,
+        worker_name=r.cmd.worker_name,
+        units=Decimal(repr(r.cmd.units)),
+        recorded_at=r.cmd.recordedAtUtc,
+        client_event_id=r.cmd.clientEventId,
+        idempotency_key=r.cmd.idempotencyKey,
+        kind="record",
+        state="inserted",
+        void_of=None,
+        void_reason=None,
+        voided_by=None,
+        created_at=r.arrival,
+    )
+
+
+def session_object_for_new(new: NewSession) -> dict[str, Any]:
+    """The session object of a session about to be inserted (for its ``session.opened`` event)."""
+    facts = SessionFacts(
+        session_id=new.session_id,
+        company_id=new.company_id,
+        owner=new.owner,
+        status="open",
+        opened_at=new.opened_at,
+        closed_at=None,
+        close_reason=None,
+        max_duration_hours=new.max_duration_hours,
+        version=1,
+    )
+    return session_object(
+        Session(
+            facts=facts,
+            project_id=new.project_id,
+            sector_id=new.sector_id,
+            sector_name=new.sector_name,
+            timezone=new.timezone,
+            day=new.day,
+            sampling_unit=new.sampling_unit,
+            price_per_unit=new.price_per_unit,
+            bonus=new.bonus,
+            notes=new.notes,
+        )
+    )

@@ -1,0 +1,612 @@
+"""PostgreSQL adapter: every query the gateway runs, on one asyncpg pool.
+
+The database is the final word: uniqueness (one open session per key, one ledger row per
+idempotency key) comes from constraints, and record inserts are guarded by the session's version
+so a decision made on a stale snapshot never commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway.core.events import SessionEvent
+from gateway.core.rules import SessionFacts
+from gateway.core.seedfile import SeedFile
+from gateway.core.views import Record, Session, Totals, WorkerTotals
+from gateway.errors import StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# SQLSTATE classes worth a retry: connection, transaction rollback (deadlock, serialization),
+# insufficient resources, operator intervention (shutdown, cannot connect now), system error.
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, asyncpg.PostgresError):
+        return str(getattr(exc, "sqlstate", "") or "")[:2] in _TRANSIENT_CLASSES
+    return isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError | ConnectionError)
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    project_id: str
+    company_id: str
+    name: str
+    timezone: str
+    sampling_unit: str
+    price_per_unit: Decimal
+    bonus: dict[str, Any] | None
+    max_duration_hours: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    session_id: str
+    company_id: str
+    project_id: str
+    owner: str
+    sector_id: str | None
+    sector_name: str | None
+    timezone: str
+    day: date
+    opened_at: datetime
+    max_duration_hours: float
+    expires_at: datetime
+    sampling_unit: str
+    price_per_unit: Decimal
+    bonus: dict[str, Any] | None
+    notes: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    record_id: str
+    company_id: str
+    session_id: str
+    owner: str
+    worker_id: str
+    worker_name: str
+    units: float
+    recorded_at: datetime
+    client_event_id: str
+    idempotency_key: str | None
+    expected_version: int
+
+
+_SESSION_COLUMNS = """
+    s.session_id, s.company_id, s.project_id, s.owner_id, s.sector_id, s.sector_name, s.timezone,
+    s.day, s.status, s.close_reason, s.opened_at, s.closed_at, s.max_duration_hours,
+    s.sampling_unit, s.price_per_unit, s.bonus, s.notes, s.version, s.total_units,
+    s.total_records, s.total_voided, s.total_workers
+"""
+_FACTS_COLUMNS = """
+    session_id, company_id, owner_id, status, opened_at, closed_at, close_reason,
+    max_duration_hours, version
+"""
+_RECORD_COLUMNS = """
+    record_id, session_id, company_id, owner_id, worker_id, worker_name, units, recorded_at,
+    client_event_id, idempotency_key, kind, state, void_of, void_reason, voided_by, created_at
+"""
+
+_INSERT_RECORDS = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::float8[], $8::timestamptz[], $9::text[], $10::text[], $11::int8[]
+    ) AS t(record_id, company_id, session_id, owner_id, worker_id, worker_name,
+           units, recorded_at, client_event_id, idempotency_key, expected_version)
+),
+locked AS (
+    SELECT s.session_id, s.version
+    FROM production_sessions s
+    WHERE s.session_id IN (SELECT DISTINCT session_id FROM input)
+    ORDER BY s.session_id
+    FOR NO KEY UPDATE
+),
+ins AS (
+    INSERT INTO production_records (
+        record_id, company_id, session_id, owner_id, worker_id, worker_name, units,
+        recorded_at, client_event_id, idempotency_key)
+    SELECT i.record_id, i.company_id, i.session_id, i.owner_id, i.worker_id, i.worker_name,
+           i.units::numeric, i.recorded_at, i.client_event_id, i.idempotency_key
+    FROM input i
+    JOIN locked l ON l.session_id = i.session_id AND l.version = i.expected_version
+    ORDER BY i.session_id, i.worker_id, i.client_event_id
+    ON CONFLICT DO NOTHING
+    RETURNING record_id, session_id, worker_id, units
+),
+wd AS (
+    SELECT session_id, worker_id, sum(units) AS units, count(*) AS n
+    FROM ins GROUP BY session_id, worker_id
+),
+wk AS (
+    INSERT INTO session_worker_totals AS w (session_id, worker_id, units, records)
+    SELECT session_id, worker_id, units, n FROM wd ORDER BY session_id, worker_id
+    ON CONFLICT (session_id, worker_id) DO UPDATE
+        SET units = w.units + excluded.units, records = w.records + excluded.records
+    RETURNING w.session_id, w.worker_id, w.records, w.voided
+),
+sd AS (
+    SELECT wd.session_id, sum(wd.units) AS units, sum(wd.n) AS n,
+           count(*) FILTER (WHERE wk.records - wd.n - wk.voided = 0) AS new_workers
+    FROM wd JOIN wk USING (session_id, worker_id)
+    GROUP BY wd.session_id
+),
+upd AS (
+    UPDATE production_sessions s
+    SET total_units = s.total_units + sd.units,
+        total_records = s.total_records + sd.n,
+        total_workers = s.total_workers + sd.new_workers,
+        state_seq = s.state_seq + 1,
+        updated_at = now()
+    FROM sd WHERE s.session_id = sd.session_id
+    RETURNING s.session_id
+)
+SELECT record_id FROM ins
+"""
+
+
+def _facts(row: asyncpg.Record) -> SessionFacts:
+    return SessionFacts(
+        session_id=row["session_id"],
+        company_id=row["company_id"],
+        owner=row["owner_id"],
+        status=row["status"],
+        opened_at=row["opened_at"],
+        closed_at=row["closed_at"],
+        close_reason=row["close_reason"],
+        max_duration_hours=row["max_duration_hours"],
+        version=row["version"],
+    )
+
+
+def _session(row: asyncpg.Record, workers: Iterable[asyncpg.Record] = ()) -> Session:
+    return Session(
+        facts=_facts(row),
+        project_id=row["project_id"],
+        sector_id=row["sector_id"],
+        sector_name=row["sector_name"],
+        timezone=row["timezone"],
+        day=row["day"],
+        sampling_unit=row["sampling_unit"],
+        price_per_unit=row["price_per_unit"],
+        bonus=row["bonus"],
+        notes=row["notes"],
+        totals=Totals(
+            units=row["total_units"],
+            records=row["total_records"],
+            voided=row["total_voided"],
+            workers=row["total_workers"],
+            by_worker={
+                w["worker_id"]: WorkerTotals(w["units"], w["records"], w["voided"]) for w in workers
+            },
+        ),
+    )
+
+
+def _record(row: asyncpg.Record) -> Record:
+    return Record(
+        record_id=row["record_id"],
+        session_id=row["session_id"],
+        company_id=row["company_id"],
+        owner=row["owner_id"],
+        worker_id=row["worker_id"],
+        worker_name=row["worker_name"],
+        units=row["units"],
+        recorded_at=row["recorded_at"],
+        client_event_id=row["client_event_id"],
+        idempotency_key=row["idempotency_key"],
+        kind=row["kind"],
+        state=row["state"],
+        void_of=row["void_of"],
+        void_reason=row["void_reason"],
+        voided_by=row["voided_by"],
+        created_at=row["created_at"],
+    )
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec(
+        "jsonb",
+        encoder=lambda v: orjson.dumps(v).decode(),
+        decoder=orjson.loads,
+        schema="pg_catalog",
+    )
+
+
+class PostgresStore:
+    """All of the gateway's SQL. Transient failures surface as ``StoreUnavailable``."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, max_size: int = 8) -> PostgresStore:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=1,
+                max_size=max_size,
+                init=_init_connection,
+                command_timeout=60,
+                max_inactive_connection_lifetime=300,
+            )
+        except Exception as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+            raise
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self._pool.acquire(timeout=30) as conn:
+                yield conn
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+            raise
+
+    async def ping(self) -> None:
+        async with self._conn() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # tenants ------------------------------------------------------------------------------
+
+    async def companies_of(self, subs: Sequence[str]) -> dict[str, str]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                "SELECT auth0_id, company_id FROM users WHERE auth0_id = ANY($1::text[])",
+                list(subs),
+            )
+        return {r["auth0_id"]: r["company_id"] for r in rows}
+
+    async def project(self, project_id: str) -> Project | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                """SELECT project_id, company_id, name, timezone, sampling_unit, price_per_unit,
+                          bonus, max_duration_hours
+                   FROM projects WHERE project_id = $1""",
+                project_id,
+            )
+        return Project(**dict(row)) if row else None
+
+    async def sector_name(self, project_id: str, sector_id: str) -> str | None:
+        async with self._conn() as conn:
+            name: str | None = await conn.fetchval(
+                "SELECT sector_name FROM sectors WHERE project_id = $1 AND sector_id = $2",
+                project_id,
+                sector_id,
+            )
+        return name
+
+    # sessions -----------------------------------------------------------------------------
+
+    async def open_session(
+        self, new: NewSession, arrival: datetime, events: Sequence[SessionEvent]
+    ) -> tuple[Session, bool, list[Session]]:
+        """Insert ``new`` unless its key already has an open session.
+
+        Returns (the open session for the key, whether it is ``new``, sessions closed here
+        because they had expired). ``events`` are written to the outbox only if ``new`` wins.
+        """
+        async with self._conn() as conn, conn.transaction():
+            expired_rows = await conn.fetch(
+                f"""UPDATE production_sessions s
+                    SET status = 'closed', close_reason = 'expired', closed_at = s.expires_at,
+                        version = s.version + 1, state_seq = s.state_seq + 1, updated_at = now()
+                    WHERE company_id = $1 AND project_id = $2 AND day = $3
+                      AND sector_id IS NOT DISTINCT FROM $4
+                      AND status = 'open' AND expires_at <= $5
+                    RETURNING {_SESSION_COLUMNS}""",
+                new.company_id,
+                new.project_id,
+                new.day,
+                new.sector_id,
+                arrival,
+            )
+            row = await conn.fetchrow(
+                f"""INSERT INTO production_sessions AS s (
+                        session_id, company_id, project_id, owner_id, sector_id, sector_name,
+                        timezone, day, opened_at, max_duration_hours, expires_at, sampling_unit,
+                        price_per_unit, bonus, notes)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                    ON CONFLICT DO NOTHING
+                    RETURNING {_SESSION_COLUMNS}""",
+                new.session_id,
+                new.company_id,
+                new.project_id,
+                new.owner,
+                new.sector_id,
+                new.sector_name,
+                new.timezone,
+                new.day,
+                new.opened_at,
+                new.max_duration_hours,
+                new.expires_at,
+                new.sampling_unit,
+                new.price_per_unit,
+                new.bonus,
+                new.notes,
+            )
+            created = row is not None
+            if row is None:
+                row = await conn.fetchrow(
+                    f"""SELECT {_SESSION_COLUMNS} FROM production_sessions s
+                        WHERE company_id = $1 AND project_id = $2 AND day = $3
+                          AND sector_id IS NOT DISTINCT FROM $4 AND status = 'open'""",
+                    new.company_id,
+                    new.project_id,
+                    new.day,
+                    new.sector_id,
+                )
+                if row is None:
+                    # The conflicting session closed between our insert and select: retryable.
+                    raise StoreUnavailable("open session raced with a close; retry")
+                workers = await conn.fetch(
+                    "SELECT worker_id, units, records, voided FROM session_worker_totals "
+                    "WHERE session_id = $1",
+                    row["session_id"],
+                )
+                return _session(row, workers), False, [_session(r) for r in expired_rows]
+            await self._write_events(conn, events)
+            return _session(row), created, [_session(r) for r in expired_rows]
+
+    async def _write_events(self, conn: asyncpg.Connection, events: Sequence[SessionEvent]) -> None:
+        if not events:
+            return
+        await conn.execute(
+            """INSERT INTO session_events (event_id, session_id, type, at, data)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                                    $5::jsonb[])""",
+            [e.event_id for e in events],
+            [e.session_id for e in events],
+            [e.type for e in events],
+            [e.at for e in events],
+            [e.data for e in events],
+        )
+        await conn.execute("SELECT pg_notify('hydrobit_outbox', '')")
+
+    async def session_facts(self, session_ids: Sequence[str]) -> dict[str, SessionFacts]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_FACTS_COLUMNS} FROM production_sessions "
+                "WHERE session_id = ANY($1::text[])",
+                list(session_ids),
+            )
+        return {r["session_id"]: _facts(r) for r in rows}
+
+    async def session(self, session_id: str) -> Session | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_SESSION_COLUMNS} FROM production_sessions s WHERE session_id = $1",
+                session_id,
+            )
+            if row is None:
+                return None
+            workers = await conn.fetch(
+                "SELECT worker_id, units, records, voided FROM session_worker_totals "
+                "WHERE session_id = $1",
+                session_id,
+            )
+        return _session(row, workers)
+
+    # records ------------------------------------------------------------------------------
+
+    async def insert_records(self, rows: Sequence[NewRecord]) -> set[str]:
+        """Insert what is new and allowed (session version unchanged); return the ids inserted.
+
+        One statement, so one round trip and one implicit transaction: the ledger rows, the
+        per-worker totals and the session totals commit together or not at all.
+        """
+        if not rows:
+            return set()
+        async with self._conn() as conn:
+            result = await conn.fetch(
+                _INSERT_RECORDS,
+                [r.record_id for r in rows],
+                [r.company_id for r in rows],
+                [r.session_id for r in rows],
+                [r.owner for r in rows],
+                [r.worker_id for r in rows],
+                [r.worker_name for r in rows],
+                [r.units for r in rows],
+                [r.recorded_at for r in rows],
+                [r.client_event_id for r in rows],
+                [r.idempotency_key for r in rows],
+                [r.expected_version for r in rows],
+            )
+        return {r["record_id"] for r in result}
+
+    async def existing_records(
+        self,
+        client_keys: Sequence[tuple[str, str, str]],
+        idempotency_keys: Sequence[tuple[str, str]],
+    ) -> tuple[dict[tuple[str, str, str], Record], dict[tuple[str, str], Record]]:
+        """Stored records by (session, worker, clientEventId) and by (company, idempotencyKey)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"""SELECT {_RECORD_COLUMNS} FROM production_records
+                    WHERE (session_id, worker_id, client_event_id) IN (
+                        SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+                    UNION
+                    SELECT {_RECORD_COLUMNS} FROM production_records
+                    WHERE (company_id, idempotency_key) IN (
+                        SELECT * FROM unnest($4::text[], $5::text[]))""",
+                [k[0] for k in client_keys],
+                [k[1] for k in client_keys],
+                [k[2] for k in client_keys],
+                [k[0] for k in idempotency_keys],
+                [k[1] for k in idempotency_keys],
+            )
+        by_client: dict[tuple[str, str, str], Record] = {}
+        by_idem: dict[tuple[str, str], Record] = {}
+        for row in rows:
+            rec = _record(row)
+            if rec.client_event_id is not None:
+                by_client[(rec.session_id, rec.worker_id, rec.client_event_id)] = rec
+            if rec.idempotency_key is not None:
+                by_idem[(rec.company_id, rec.idempotency_key)] = rec
+        return by_client, by_idem
+
+    async def record(self, record_id: str) -> Record | None:
+        async with self._conn() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_RECORD_COLUMNS} FROM production_records WHERE record_id = $1",
+                record_id,
+            )
+        return _record(row) if row else None
+
+    async def key_exists(
+        self, company_id: str, key: str, client_key: tuple[str, str] | None
+    ) -> bool:
+        """Is ``key`` a stored client key or idempotencyKey of ``company_id``?"""
+        async with self._conn() as conn:
+            found = await conn.fetchval(
+                """SELECT EXISTS (
+                       SELECT 1 FROM production_records
+                       WHERE company_id = $1 AND idempotency_key = $2)
+                   OR ($3::text IS NOT NULL AND EXISTS (
+                       SELECT 1 FROM production_records
+                       WHERE session_id = $3 AND company_id = $1 AND kind = 'record'
+                         AND worker_id || ':' || client_event_id = $4))""",
+                company_id,
+                key,
+                client_key[0] if client_key else None,
+                client_key[1] if client_key else None,
+            )
+        return bool(found)
+
+    # seed ---------------------------------------------------------------------------------
+
+    async def seed(self, seed: SeedFile) -> dict[str, int]:
+        """Upsert companies, users, projects, sectors; loading a file twice changes nothing."""
+        async with self._conn() as conn, conn.transaction():
+            for c in seed.companies:
+                await conn.execute(
+                    """INSERT INTO companies (company_id, name) VALUES ($1, $2)
+                       ON CONFLICT (company_id) DO UPDATE SET name = excluded.name
+                       WHERE companies.name IS DISTINCT FROM excluded.name""",
+                    c.companyId,
+                    c.name,
+                )
+            for u in seed.users:
+                await conn.execute(
+                    """INSERT INTO users (auth0_id, company_id) VALUES ($1, $2)
+                       ON CONFLICT (auth0_id) DO UPDATE SET company_id = excluded.company_id
+                       WHERE users.company_id IS DISTINCT FROM excluded.company_id""",
+                    u.auth0Id,
+                    u.companyId,
+                )
+            for p in seed.projects:
+                bonus = p.bonus.as_json() if p.bonus else None
+                await conn.execute(
+                    """INSERT INTO projects (project_id, company_id, name, timezone, sampling_unit,
+                                             price_per_unit, bonus, max_duration_hours)
+                       VALUES ($1, $2, $3, $4, $5, $6::float8::numeric, $7, $8)
+                       ON CONFLICT (project_id) DO UPDATE SET
+                           company_id = excluded.company_id, name = excluded.name,
+                           timezone = excluded.timezone, sampling_unit = excluded.sampling_unit,
+                           price_per_unit = excluded.price_per_unit, bonus = excluded.bonus,
+                           max_duration_hours = excluded.max_duration_hours
+                       WHERE (projects.company_id, projects.name, projects.timezone,
+                              projects.sampling_unit, projects.price_per_unit, projects.bonus,
+                              projects.max_duration_hours)
+                             IS DISTINCT FROM
+                             (excluded.company_id, excluded.name, excluded.timezone,
+                              excluded.sampling_unit, excluded.price_per_unit, excluded.bonus,
+                              excluded.max_duration_hours)""",
+                    p.projectId,
+                    p.companyId,
+                    p.name,
+                    p.timezone,
+                    p.samplingUnit,
+                    p.pricePerUnit,
+                    bonus,
+                    p.maxDurationHours,
+                )
+                for s in p.sectors:
+                    await conn.execute(
+                        """INSERT INTO sectors (project_id, sector_id, sector_name)
+                           VALUES ($1, $2, $3)
+                           ON CONFLICT (project_id, sector_id) DO UPDATE
+                           SET sector_name = excluded.sector_name
+                           WHERE sectors.sector_name IS DISTINCT FROM excluded.sector_name""",
+                        p.projectId,
+                        s.sectorId,
+                        s.sector_name,
+                    )
+        return {
+            "companies": len(seed.companies),
+            "users": len(seed.users),
+            "projects": len(seed.projects),
+            "sectors": sum(len(p.sectors) for p in seed.projects),
+        }
+
+    # dead letters -------------------------------------------------------------------------
+
+    async def add_dead_letters(self, rows: Sequence[DeadLetter]) -> None:
+        if not rows:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                """INSERT INTO dead_letters (received_at, topic, reason, message, auth0_id,
+                                             payload, payload_size, truncated)
+                   SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[],
+                                        $5::text[], $6::bytea[], $7::int4[], $8::bool[])""",
+                [r.received_at for r in rows],
+                [r.topic for r in rows],
+                [r.reason for r in rows],
+                [r.message for r in rows],
+                [r.auth0_id for r in rows],
+                [r.payload for r in rows],
+                [r.payload_size for r in rows],
+                [r.truncated for r in rows],
+            )
+
+    async def dead_letters(
+        self, *, since: datetime | None, reason: str | None, limit: int
+    ) -> list[asyncpg.Record]:
+        async with self._conn() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(
+                """SELECT id, received_at, topic, reason, message, auth0_id, payload,
+                          payload_size, truncated
+                   FROM dead_letters
+                   WHERE ($1::timestamptz IS NULL OR received_at >= $1)
+                     AND ($2::text IS NULL OR reason = $2)
+                   ORDER BY received_at DESC, id DESC LIMIT $3""",
+                since,
+                reason,
+                limit,
+            )
+        return rows
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    received_at: datetime
+    topic: str
+    reason: str
+    message: str | None
+    auth0_id: str | None
+    payload: bytes
+    payload_size: int
+    truncated: bool

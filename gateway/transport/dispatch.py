@@ -1,0 +1,288 @@
+"""From a batch of MQTT requests to one reply each: parse, authenticate, route, apply, answer.
+
+The reply topic is decided first (SPEC §2: Response Topic, else ``replyTo``, else
+``<topic>/reply``) so that every refusal, even of garbage bytes, reaches the device. Record
+creates of the whole batch go to the store together; other operations run concurrently.
+``StoreUnavailable`` escapes: the pipeline retries the batch, nothing has been answered yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from gateway.core.auth import Claims, TokenVerifier
+from gateway.core.models import (
+    CheckIdempotency,
+    CreateRecord,
+    Envelope,
+    OpenSession,
+    RecordCommand,
+    SessionCommand,
+    decode_object,
+    take_envelope,
+    validate,
+)
+from gateway.core.rules import Principal
+from gateway.core.topics import Op, Route, Topics
+from gateway.errors import (
+    InvalidRequest,
+    RequestError,
+    StoreUnavailable,
+    as_request_error,
+    error_body,
+)
+from gateway.service import RecordRequest, Service
+from gateway.transport.mqtt import Inbound
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Reply:
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+
+
+@dataclass(slots=True)
+class Refusal:
+    """What the dead-letter table keeps of a refused request."""
+
+    msg: Inbound
+    code: str
+    message: str
+    auth0_id: str | None
+
+
+@dataclass(slots=True)
+class _Request:
+    msg: Inbound
+    reply_topic: str
+    route: Route | None = None
+    envelope: Envelope = field(default_factory=Envelope)
+    data: dict[str, Any] | None = None
+    claims: Claims | None = None
+    who: Principal | None = None
+    body: dict[str, Any] | None = None  # the success reply, without requestId/clientEventId
+    error: RequestError | None = None
+
+    @property
+    def open(self) -> bool:
+        return self.error is None and self.body is None
+
+
+OpHandler = Callable[[_Request], Awaitable[dict[str, Any]]]
+
+
+class Dispatcher:
+    """Turns a batch of inbound requests into replies (and refusals for the dead-letter table)."""
+
+    def __init__(
+        self,
+        service: Service,
+        verifier: TokenVerifier,
+        topics: Topics,
+        *,
+        max_payload_bytes: int,
+        max_json_depth: int,
+        on_refused: Callable[[Refusal], None] | None = None,
+    ) -> None:
+        self.service = service
+        self.verifier = verifier
+        self.topics = topics
+        self.max_payload_bytes = max_payload_bytes
+        self.max_json_depth = max_json_depth
+        self._on_refused = on_refused
+        self._handlers: dict[Op, OpHandler] = {
+            Op.OPEN_SESSION: self._open_session,
+            Op.GET_SESSION: self._get_session,
+            Op.GET_RECORD: self._get_record,
+            Op.CHECK_IDEMPOTENCY: self._check_idempotency,
+        }
+
+    def register(self, op: Op, handler: OpHandler) -> None:
+        self._handlers[op] = handler
+
+    async def handle(self, batch: Sequence[Inbound]) -> list[Reply]:
+        """One reply per message, in order. Raises StoreUnavailable with nothing answered."""
+        reqs = [self._prepare(m) for m in batch]
+        await self._resolve_principals(reqs)
+        records: list[tuple[_Request, RecordRequest]] = []
+        others: list[_Request] = []
+        for r in reqs:
+            if not r.open:
+                continue
+            assert r.route is not None
+            if r.route.op is Op.CREATE_RECORD:
+                try:
+                    records.append((r, self._record_request(r)))
+                except RequestError as exc:
+                    r.error = exc
+            else:
+                others.append(r)
+        results = await asyncio.gather(
+            self._create_records(records),
+            *(self._run(r) for r in others),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, StoreUnavailable):
+                raise result
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result
+        return [self._reply(r) for r in reqs]
+
+    # stage 1: bytes -> request ------------------------------------------------------------
+
+    def _prepare(self, m: Inbound) -> _Request:
+        topics = self.topics
+        reply_topic = topics.default_reply(m.topic)
+        bad_response_topic = False
+        if m.response_topic is not None:
+            if topics.reply_allowed(m.response_topic):
+                reply_topic = m.response_topic
+            else:
+                bad_response_topic = True
+        r = _Request(msg=m, reply_topic=reply_topic)
+        try:
+            r.route = topics.parse(m.topic)
+            r.data = decode_object(
+                m.payload, max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
+            )
+            r.envelope = take_envelope(r.data)
+            if m.response_topic is None and r.envelope.reply_to is not None:
+                if topics.reply_allowed(r.envelope.reply_to):
+                    r.reply_topic = r.envelope.reply_to
+                else:
+                    raise InvalidRequest(
+                        f"replyTo {r.envelope.reply_to!r} is not a topic replies may go to"
+                    )
+            if bad_response_topic:
+                raise InvalidRequest("the Response Topic is not a topic replies may go to")
+            if r.route is None:
+                raise InvalidRequest(f"{m.topic} is not a request topic; see SPEC §2")
+            r.envelope.check()
+            r.claims = self.verifier.verify(m.authorization or r.envelope.authorization)
+        except RequestError as exc:
+            r.error = exc
+        return r
+
+    async def _resolve_principals(self, reqs: Sequence[_Request]) -> None:
+        asking = [r for r in reqs if r.open and r.claims is not None]
+        if not asking:
+            return
+        found = await self.service.principals(
+            [(r.claims, r.envelope.auth0_id) for r in asking if r.claims is not None]
+        )
+        for r, who in zip(asking, found, strict=True):
+            if isinstance(who, RequestError):
+                r.error = who
+            else:
+                r.who = who
+
+    # stage 2: apply -----------------------------------------------------------------------
+
+    def _record_request(self, r: _Request) -> RecordRequest:
+        assert r.route is not None and r.route.session_id is not None and r.who is not None
+        cmd = validate(CreateRecord, r.data)
+        return RecordRequest(r.who, cmd, r.route.session_id, r.msg.received_at)
+
+    async def _create_records(self, records: list[tuple[_Request, RecordRequest]]) -> None:
+        if not records:
+            return
+        try:
+            outcomes = await self.service.create_records([rr for _, rr in records])
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            log.exception("creating %d records failed", len(records))
+            for r, _ in records:
+                r.error = as_request_error(exc)
+            return
+        for (r, _), outcome in zip(records, outcomes, strict=True):
+            if isinstance(outcome, RequestError):
+                r.error = outcome
+            else:
+                r.body = {"status": "success", "data": outcome.data()}
+
+    async def _run(self, r: _Request) -> None:
+        assert r.route is not None
+        handler = self._handlers.get(r.route.op)
+        try:
+            if handler is None:
+                raise InvalidRequest(f"operation {r.route.op} is not available")
+            r.body = await handler(r)
+        except (RequestError, StoreUnavailable) as exc:
+            if isinstance(exc, StoreUnavailable):
+                raise
+            r.error = exc
+        except Exception as exc:
+            log.exception("operation %s on %s failed", r.route.op, r.msg.topic)
+            r.error = as_request_error(exc)
+
+    # stage 3: replies ---------------------------------------------------------------------
+
+    def _reply(self, r: _Request) -> Reply:
+        if r.body is not None:
+            body = r.body
+        else:
+            err = r.error or as_request_error(RuntimeError("no outcome"))
+            body = {"status": "error", "error": error_body(err)}
+            if self._on_refused is not None:
+                code = body["error"]["code"]
+                self._on_refused(Refusal(r.msg, code, body["error"]["message"], _sub(r)))
+        if r.envelope.request_id is not None:
+            body["requestId"] = r.envelope.request_id
+        if r.data is not None and r.route is not None and r.route.op is Op.CREATE_RECORD:
+            event_id = r.data.get("clientEventId")
+            if isinstance(event_id, str):
+                body["clientEventId"] = event_id
+        return Reply(r.reply_topic, orjson.dumps(body), r.msg.correlation)
+
+    # operations ---------------------------------------------------------------------------
+
+    async def _open_session(self, r: _Request) -> dict[str, Any]:
+        assert r.who is not None
+        cmd = validate(OpenSession, r.data)
+        data = await self.service.open_session(r.who, cmd, r.msg.received_at)
+        return {"status": "success", "data": data}
+
+    async def _get_session(self, r: _Request) -> dict[str, Any]:
+        assert r.who is not None and r.route is not None and r.route.session_id is not None
+        cmd = validate(SessionCommand, r.data)
+        _same_id(cmd.sessionId, r.route.session_id, "sessionId")
+        data = await self.service.get_session(r.who, r.route.session_id)
+        return {"status": "success", "data": data}
+
+    async def _get_record(self, r: _Request) -> dict[str, Any]:
+        assert r.who is not None and r.route is not None and r.route.record_id is not None
+        cmd = validate(RecordCommand, r.data)
+        _same_id(cmd.recordId, r.route.record_id, "recordId")
+        data = await self.service.get_record(r.who, r.route.record_id)
+        return {"status": "success", "data": data}
+
+    async def _check_idempotency(self, r: _Request) -> dict[str, Any]:
+        assert r.who is not None
+        cmd = validate(CheckIdempotency, r.data)
+        exists = await self.service.check_key(r.who, cmd.key)
+        return {"status": "success", "data": {"key": cmd.key, "exists": exists}}
+
+
+def _same_id(given: str | None, topic_id: str, name: str) -> None:
+    if given is not None and given != topic_id:
+        raise InvalidRequest(
+            f"{name} {given} does not match the topic's {topic_id}",
+            {"fields": [{"field": name, "message": "must match the topic"}]},
+        )
+
+
+def _sub(r: _Request) -> str | None:
+    if r.who is not None:
+        return r.who.sub
+    return r.claims.sub if r.claims is not None else None

@@ -24,6 +24,7 @@ from gateway.core.topics import Topics
 from gateway.deadletters import DeadLetterWriter
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.metrics import Metrics
+from gateway.publisher import Publisher, Sweeper
 from gateway.service import Service
 from gateway.store.migrate import load_migrations
 from gateway.store.postgres import PostgresStore
@@ -110,6 +111,8 @@ class Gateway:
         self.store: PostgresStore | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
+        self.sweeper: Sweeper | None = None
+        self.publisher: Publisher | None = None
 
     def stop(self) -> None:
         self._stopping.set()
@@ -170,10 +173,15 @@ class Gateway:
         sidecar = HttpSidecar(service, self.verifier, self.metrics, ready=self.ready)
         runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
         log.info("http sidecar on %s:%d", s.http_host, self.http_port)
+        self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
+        service.on_expired_seen = self.sweeper.nudge
+        self.publisher = Publisher(store, link, self.topics, s, self.metrics)
         tasks = {
             "link": asyncio.create_task(link.run(), name="mqtt-link"),
             "pipeline": asyncio.create_task(pipeline.run(), name="pipeline"),
             "dead-letters": asyncio.create_task(dead_letters.run(), name="dead-letters"),
+            "sweeper": asyncio.create_task(self.sweeper.run(self._stopping), name="sweeper"),
+            "publisher": asyncio.create_task(self.publisher.run(self._stopping), name="publisher"),
         }
         try:
             await link.wait_connected()
@@ -204,6 +212,9 @@ class Gateway:
         self.pipeline.stop()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(tasks["pipeline"]), timeout)
+        for name in ("publisher", "sweeper"):
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(tasks[name]), 5)
         self.link.stop()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(tasks["link"]), 5)

@@ -11,7 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.errors import ConfigError
 
-DEFAULT_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 9001, "wss": 9443}
+# the registered MQTT ports, and the URL defaults for WebSocket schemes (RFC 6455)
+DEFAULT_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 
 
 class MqttEndpoint:

@@ -41,15 +41,15 @@ class Metrics:
     def render(self) -> str:
         lines: list[str] = []
         for name in sorted(self._counters):
-            lines += [f"# TYPE {name} counter", f"{name} {self._counters[name]:g}"]
+            lines += [f"# TYPE {name} counter", f"{name} {_num(self._counters[name])}"]
         seen: set[str] = set()
         for (name, label, value), amount in sorted(self._labelled.items()):
             if name not in seen:
                 lines.append(f"# TYPE {name} counter")
                 seen.add(name)
-            lines.append(f'{name}{{{label}="{value}"}} {amount:g}')
+            lines.append(f'{name}{{{label}="{value}"}} {_num(amount)}')
         for name in sorted(self._gauges):
-            lines += [f"# TYPE {name} gauge", f"{name} {self._gauges[name]():g}"]
+            lines += [f"# TYPE {name} gauge", f"{name} {_num(self._gauges[name]())}"]
         lines.append("# TYPE gateway_batch_size histogram")
         for bound, count in zip(BATCH_BUCKETS, self._batch_buckets, strict=True):
             lines.append(f'gateway_batch_size_bucket{{le="{bound}"}} {count}')
@@ -57,3 +57,10 @@ class Metrics:
         lines.append(f"gateway_batch_size_sum {self._batch_sum}")
         lines.append(f"gateway_batch_size_count {self._batch_count}")
         return "\n".join(lines) + "\n"
+
+
+def _num(value: float) -> str:
+    """Exact: 1234567, not 1.23457e+06."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))

@@ -7,7 +7,7 @@ rules of ``gateway.core`` and lets the store (PostgreSQL) have the final word.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -15,9 +15,22 @@ from typing import Any
 
 from gateway.core import rules
 from gateway.core.auth import Claims
-from gateway.core.events import EventType, new_event, new_record_id, new_session_id
+from gateway.core.events import (
+    EventType,
+    SessionEvent,
+    new_event,
+    new_record_id,
+    new_session_id,
+)
 from gateway.core.idempotency import RecordContent, resolve_existing, split_client_key
-from gateway.core.models import CreateRecord, OpenSession
+from gateway.core.models import (
+    Bonus,
+    CreateRecord,
+    ExtendSession,
+    OpenSession,
+    UpdateSession,
+    number_out,
+)
 from gateway.core.rules import Limits, Principal, SessionFacts
 from gateway.core.views import Record, Session, record_object, record_preview, session_object
 from gateway.errors import (
@@ -30,7 +43,7 @@ from gateway.errors import (
     SessionAlreadyOpen,
     SessionExpired,
 )
-from gateway.store.postgres import NewRecord, NewSession, PostgresStore
+from gateway.store.postgres import NewRecord, NewSession, PostgresStore, SessionTx
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +99,8 @@ class Service:
         self.store = store
         self.limits = limits
         self._companies: dict[str, str] = {}
+        # called when a request finds an open session past its deadline (wakes the sweeper)
+        self.on_expired_seen: Callable[[], None] = lambda: None
 
     # who is asking --------------------------------------------------------------------------
 
@@ -185,6 +200,102 @@ class Service:
         rules.check_access(session.facts, who)
         return session_object(session)
 
+    async def update_session(
+        self, who: Principal, session_id: str, cmd: UpdateSession, arrival: datetime
+    ) -> dict[str, Any]:
+        changes = cmd.changes()
+        if not changes:
+            raise InvalidRequest(
+                "nothing to update: send at least one of samplingUnit, pricePerUnit, bonus, notes"
+            )
+        if "samplingUnit" in changes and changes["samplingUnit"] is None:
+            raise InvalidRequest(
+                "samplingUnit cannot be null",
+                {"fields": [{"field": "samplingUnit", "message": "must be a string"}]},
+            )
+        if "pricePerUnit" in changes and changes["pricePerUnit"] is None:
+            raise InvalidRequest(
+                "pricePerUnit cannot be null",
+                {"fields": [{"field": "pricePerUnit", "message": "must be a number"}]},
+            )
+        if isinstance(changes.get("bonus"), Bonus):
+            changes["bonus"] = changes["bonus"].as_json()
+
+        async def apply(tx: SessionTx) -> dict[str, Any]:
+            session = await tx.update(changes)
+            await tx.emit(
+                [
+                    new_event(
+                        EventType.UPDATED,
+                        session_id,
+                        {**session_object(session), "changed": sorted(changes)},
+                        arrival,
+                    )
+                ]
+            )
+            return {"updated": True}
+
+        return await self._change_open_session(who, session_id, arrival, apply)
+
+    async def close_session(
+        self, who: Principal, session_id: str, arrival: datetime
+    ) -> dict[str, Any]:
+        closed_at = rules.to_millis(arrival)
+
+        async def apply(tx: SessionTx) -> dict[str, Any]:
+            session = await tx.close(closed_at)
+            await tx.emit(
+                [new_event(EventType.CLOSED, session_id, session_object(session), arrival)]
+            )
+            return {"sessionId": session_id, "status": "closed", "closedAt": rules.iso(closed_at)}
+
+        return await self._change_open_session(who, session_id, arrival, apply)
+
+    async def extend_session(
+        self, who: Principal, session_id: str, cmd: ExtendSession, arrival: datetime
+    ) -> dict[str, Any]:
+        async def apply(tx: SessionTx) -> dict[str, Any]:
+            facts = tx.session.facts
+            rules.check_extension(facts.max_duration_hours, cmd.maxDurationHours, self.limits)
+            deadline = rules.deadline(facts.opened_at, cmd.maxDurationHours)
+            session = await tx.extend(cmd.maxDurationHours, deadline)
+            data = {**session_object(session), "previousMaxDurationHours": facts.max_duration_hours}
+            await tx.emit([new_event(EventType.EXTENDED, session_id, data, arrival)])
+            return {"maxDurationHours": number_out(cmd.maxDurationHours)}
+
+        return await self._change_open_session(who, session_id, arrival, apply)
+
+    async def _change_open_session(
+        self,
+        who: Principal,
+        session_id: str,
+        arrival: datetime,
+        apply: Callable[[SessionTx], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """Lock the session, check owner and open, ``apply`` and commit.
+
+        A session found past its deadline is closed as expired (and announced) in the same
+        transaction, and the request is refused with SESSION_EXPIRED.
+        """
+        refusal: RequestError | None = None
+        async with self.store.lock_session(session_id) as tx:
+            if tx is None:
+                raise NotFound(f"session {session_id} not found")
+            facts = tx.session.facts
+            rules.check_access(facts, who)
+            refusal = rules.refusal_for_closed(facts, arrival)
+            if refusal is None:
+                return await apply(tx)
+            if facts.expired_at(arrival):
+                expired = await tx.expire()
+                await tx.emit(expiry_events([expired], arrival))
+        raise refusal
+
+    async def expire_due(self, now: datetime) -> list[str]:
+        """Close and announce every session past its deadline; the ids closed by this call."""
+        closed = await self.store.expire_due(now, lambda s: expiry_events(s, now))
+        return [s.session_id for s in closed]
+
     # records --------------------------------------------------------------------------------
 
     async def create_records(self, reqs: Sequence[RecordRequest]) -> list[RecordOutcome]:
@@ -247,6 +358,8 @@ class Service:
                 rules.admit_record(f, r.cmd.recordedAtUtc, r.arrival, self.limits.late_sync_grace_s)
             except RequestError as exc:
                 refused[i] = exc  # unless it is a replay: answered before the open check
+                if f.expired_at(r.arrival):
+                    self.on_expired_seen()
             else:
                 to_insert.append(i)
         inserted = await self.store.insert_records(
@@ -345,6 +458,10 @@ def _accepted_record(r: RecordRequest, record_id: str) -> Record:
         voided_by=None,
         created_at=r.arrival,
     )
+
+
+def expiry_events(sessions: Sequence[Session], at: datetime) -> list[SessionEvent]:
+    return [new_event(EventType.EXPIRED, s.session_id, session_object(s), at) for s in sessions]
 
 
 def session_object_for_new(new: NewSession) -> dict[str, Any]:

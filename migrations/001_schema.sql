@@ -34,6 +34,12 @@ CREATE TABLE sectors (
     PRIMARY KEY (project_id, sector_id)
 );
 
+-- Every change of what a session's retained state shows takes a new tick (assigned under the
+-- row lock, so later changes have larger ticks) and records its transaction id: the state
+-- publisher follows transaction ids past the snapshot xmin, so it never misses a change that
+-- committed late, and skips versions it already published by tick.
+CREATE SEQUENCE session_state_tick;
+
 CREATE TABLE production_sessions (
     session_id          text PRIMARY KEY,
     company_id          text NOT NULL REFERENCES companies (company_id),
@@ -61,8 +67,8 @@ CREATE TABLE production_sessions (
     total_records       bigint NOT NULL DEFAULT 0,
     total_voided        bigint NOT NULL DEFAULT 0,
     total_workers       integer NOT NULL DEFAULT 0,
-    -- bumped by every change of what the retained state shows
-    state_seq           bigint NOT NULL DEFAULT 1,
+    state_tick          bigint NOT NULL DEFAULT nextval('session_state_tick'),
+    state_xid           bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now(),
     CHECK ((status = 'open') = (closed_at IS NULL)),
@@ -75,6 +81,7 @@ CREATE UNIQUE INDEX production_sessions_one_open_idx
 CREATE INDEX production_sessions_expiry_idx ON production_sessions (expires_at)
     WHERE status = 'open';
 CREATE INDEX production_sessions_owner_idx ON production_sessions (owner_id);
+CREATE INDEX production_sessions_state_xid_idx ON production_sessions (state_xid);
 
 CREATE TABLE session_worker_totals (
     session_id  text NOT NULL REFERENCES production_sessions (session_id) ON DELETE CASCADE,
@@ -128,6 +135,13 @@ CREATE TABLE session_events (
 );
 CREATE INDEX session_events_pending_idx ON session_events (seq) WHERE published_at IS NULL;
 CREATE INDEX session_events_session_idx ON session_events (session_id, seq);
+
+-- How far the (single, elected) publisher has followed session_state_tick.
+CREATE TABLE publisher_cursors (
+    name        text PRIMARY KEY,
+    position    bigint NOT NULL,
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
 
 -- Everything a device sent that was refused, so nothing is lost without trace.
 CREATE TABLE dead_letters (

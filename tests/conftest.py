@@ -30,17 +30,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 @pytest.fixture(scope="session")
 async def database(servers: Servers) -> str:
-    import asyncpg
-
-    name = f"gw_{secrets.token_hex(4)}"
-    conn = await asyncpg.connect(servers.admin_dsn)
-    try:
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    dsn = servers.dsn(name)
-    await migrate(dsn)
-    return dsn
+    return await create_database(servers)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +88,7 @@ async def tenant(store: PostgresStore) -> Tenant:
 
 @pytest.fixture
 async def device(servers: Servers, gateway: Gateway, tenant: Tenant) -> AsyncIterator[Device]:
-    async with Device(
-        servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token()
-    ) as d:
+    async with Device(servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token()) as d:
         yield d
 
 
@@ -108,9 +96,7 @@ async def device(servers: Servers, gateway: Gateway, tenant: Tenant) -> AsyncIte
 async def legacy_device(
     servers: Servers, gateway: Gateway, tenant: Tenant
 ) -> AsyncIterator[LegacyDevice]:
-    async with LegacyDevice(
-        servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token()
-    ) as d:
+    async with LegacyDevice(servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token()) as d:
         yield d
 
 
@@ -125,3 +111,18 @@ async def session_id(device: Device, tenant: Tenant) -> str:
 @pytest.fixture
 def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+async def create_database(servers: Servers) -> str:
+    """A fresh, migrated database (for tests that need their own outbox or leader)."""
+    import asyncpg
+
+    name = f"gw_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(servers.admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    dsn = servers.dsn(name)
+    await migrate(dsn)
+    return dsn

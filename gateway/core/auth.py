@@ -113,7 +113,8 @@ class TokenVerifier:
                 raise Unauthorized("token header kid must be a string")
             jwk = self.keys.by_kid(kid)
             if jwk is None:
-                self.unknown_kids.add(kid)
+                if len(self.unknown_kids) < 64:  # bounded: kids are attacker-controlled
+                    self.unknown_kids.add(kid)
                 raise Unauthorized(f"token signed with unknown key id {kid!r}")
             return jwk, jwk.algorithm_name
         if self.keys.has_jwks and not self.keys.secret:

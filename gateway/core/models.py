@@ -41,13 +41,13 @@ def _parse_instant(value: object) -> datetime:
         raise ValueError("must include a time, e.g. 2025-10-19T14:30:00.000Z")
     try:
         parsed = datetime.fromisoformat(text)
-    except ValueError:
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValueError(
             "must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z"
         ) from None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 Instant = Annotated[datetime, BeforeValidator(_parse_instant)]

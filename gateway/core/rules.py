@@ -65,7 +65,7 @@ def zone(name: str) -> ZoneInfo:
     """The IANA zone ``name``, or InvalidRequest."""
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidRequest(f"unknown IANA timezone {name!r}, e.g. America/Mexico_City") from None
 
 
@@ -196,8 +196,11 @@ def iso(value: datetime | None) -> str | None:
     """``2025-10-19T08:00:00.000Z``: UTC with milliseconds, as in the seeds."""
     if value is None:
         return None
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    v = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return (
+        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
+        f".{v.microsecond // 1000:03d}Z"
+    )
 
 
 def to_millis(value: datetime) -> datetime:

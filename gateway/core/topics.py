@@ -32,6 +32,13 @@ _RECORD_ACTIONS = {"get": Op.GET_RECORD, "void": Op.VOID_RECORD}
 
 MAX_ID_LENGTH = 128
 
+# (levels after the prefix, first level, last level) of every topic the gateway reads or owns
+_RESERVED_SHAPES = frozenset(
+    [(3, "sessions", a) for a in (*_SESSION_ACTIONS, "events", "state")]
+    + [(3, "records", a) for a in _RECORD_ACTIONS]
+)
+_FIXED = frozenset({"open", "bulk", "check-idempotency"})
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -118,14 +125,15 @@ class Topics:
             return False
         if "+" in topic or "#" in topic or "\x00" in topic:
             return False
-        if self.parse(topic) is not None:
-            return False
         levels = topic.split("/")
         n = self._n
-        if tuple(levels[:n]) == self._parts:
-            rest = levels[n:]
-            if rest[:1] == ["gateway"]:
-                return False
-            if len(rest) == 3 and rest[0] == "sessions" and rest[2] in ("events", "state"):
-                return False
-        return True
+        if tuple(levels[:n]) != self._parts:
+            return True
+        rest = levels[n:]
+        if rest[:1] == ["gateway"]:
+            return False
+        # Anything our subscriptions match, whatever the id (the + wildcard takes any level).
+        shape = (len(rest), rest[0] if rest else "", rest[-1] if rest else "")
+        return shape not in _RESERVED_SHAPES and not (
+            len(rest) == 2 and rest[0] in ("sessions", "records") and rest[1] in _FIXED
+        )

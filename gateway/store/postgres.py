@@ -7,8 +7,10 @@ so a decision made on a stale snapshot never commits.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -147,7 +149,8 @@ upd AS (
     SET total_units = s.total_units + sd.units,
         total_records = s.total_records + sd.n,
         total_workers = s.total_workers + sd.new_workers,
-        state_seq = s.state_seq + 1,
+        state_tick = nextval('session_state_tick'),
+        state_xid = pg_current_xact_id()::text::bigint,
         updated_at = now()
     FROM sd WHERE s.session_id = sd.session_id
     RETURNING s.session_id
@@ -194,6 +197,30 @@ def _session(row: asyncpg.Record, workers: Iterable[asyncpg.Record] = ()) -> Ses
     )
 
 
+async def _insert_events(conn: asyncpg.Connection, events: Sequence[SessionEvent]) -> None:
+    """Write ``events`` to the outbox in the caller's transaction."""
+    if not events:
+        return
+    await conn.execute(
+        """INSERT INTO session_events (event_id, session_id, type, at, data)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                                $5::jsonb[])""",
+        [e.event_id for e in events],
+        [e.session_id for e in events],
+        [e.type for e in events],
+        [e.at for e in events],
+        [e.data for e in events],
+    )
+
+
+async def _workers(conn: asyncpg.Connection, session_id: str) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        "SELECT worker_id, units, records, voided FROM session_worker_totals WHERE session_id = $1",
+        session_id,
+    )
+    return rows
+
+
 def _record(row: asyncpg.Record) -> Record:
     return Record(
         record_id=row["record_id"],
@@ -227,8 +254,9 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 class PostgresStore:
     """All of the gateway's SQL. Transient failures surface as ``StoreUnavailable``."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self._pool = pool
+        self._dsn = dsn
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 8) -> PostgresStore:
@@ -245,7 +273,7 @@ class PostgresStore:
             if is_transient(exc):
                 raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
             raise
-        return cls(pool)
+        return cls(pool, dsn)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -312,7 +340,9 @@ class PostgresStore:
             expired_rows = await conn.fetch(
                 f"""UPDATE production_sessions s
                     SET status = 'closed', close_reason = 'expired', closed_at = s.expires_at,
-                        version = s.version + 1, state_seq = s.state_seq + 1, updated_at = now()
+                        version = s.version + 1, updated_at = now(),
+                        state_tick = nextval('session_state_tick'),
+        state_xid = pg_current_xact_id()::text::bigint
                     WHERE company_id = $1 AND project_id = $2 AND day = $3
                       AND sector_id IS NOT DISTINCT FROM $4
                       AND status = 'open' AND expires_at <= $5
@@ -371,19 +401,7 @@ class PostgresStore:
             return _session(row), created, [_session(r) for r in expired_rows]
 
     async def _write_events(self, conn: asyncpg.Connection, events: Sequence[SessionEvent]) -> None:
-        if not events:
-            return
-        await conn.execute(
-            """INSERT INTO session_events (event_id, session_id, type, at, data)
-               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                                    $5::jsonb[])""",
-            [e.event_id for e in events],
-            [e.session_id for e in events],
-            [e.type for e in events],
-            [e.at for e in events],
-            [e.data for e in events],
-        )
-        await conn.execute("SELECT pg_notify('hydrobit_outbox', '')")
+        await _insert_events(conn, events)
 
     async def session_facts(self, session_ids: Sequence[str]) -> dict[str, SessionFacts]:
         async with self._conn() as conn:
@@ -408,6 +426,145 @@ class PostgresStore:
                 session_id,
             )
         return _session(row, workers)
+
+    @asynccontextmanager
+    async def lock_session(self, session_id: str) -> AsyncIterator[SessionTx | None]:
+        """The session locked FOR UPDATE inside a transaction (None if it does not exist).
+
+        Leaving the block commits what the ``SessionTx`` changed; an exception rolls it back.
+        """
+        async with self._conn() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {_SESSION_COLUMNS} FROM production_sessions s "
+                "WHERE session_id = $1 FOR UPDATE",
+                session_id,
+            )
+            if row is None:
+                yield None
+                return
+            yield SessionTx(conn, _session(row, await _workers(conn, session_id)))
+
+    async def expire_due(
+        self,
+        now: datetime,
+        announce: Callable[[Sequence[Session]], Sequence[SessionEvent]],
+        limit: int = 500,
+    ) -> list[Session]:
+        """Close every open session whose deadline has passed, once, whoever else tries too.
+
+        One conditional UPDATE: a session another process closed first no longer matches, so
+        each is closed (and announced, in the same transaction) exactly once.
+        """
+        async with self._conn() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"""UPDATE production_sessions s
+                    SET status = 'closed', close_reason = 'expired', closed_at = s.expires_at,
+                        version = s.version + 1, updated_at = now(),
+                        state_tick = nextval('session_state_tick'),
+        state_xid = pg_current_xact_id()::text::bigint
+                    WHERE s.session_id IN (
+                        SELECT session_id FROM production_sessions
+                        WHERE status = 'open' AND expires_at <= $1
+                        ORDER BY expires_at LIMIT $2)
+                      AND s.status = 'open' AND s.expires_at <= $1
+                    RETURNING {_SESSION_COLUMNS}""",
+                now,
+                limit,
+            )
+            if not rows:
+                return []
+            sessions = [_session(r, await _workers(conn, r["session_id"])) for r in rows]
+            await self._write_events(conn, announce(sessions))
+        return sessions
+
+    # outbox and retained state ------------------------------------------------------------
+
+    async def pending_events(self, limit: int = 500) -> list[tuple[int, SessionEvent]]:
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                """SELECT seq, event_id, type, at, session_id, data FROM session_events
+                   WHERE published_at IS NULL ORDER BY seq LIMIT $1""",
+                limit,
+            )
+        return [
+            (r["seq"], SessionEvent(r["event_id"], r["type"], r["at"], r["session_id"], r["data"]))
+            for r in rows
+        ]
+
+    async def mark_published(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        async with self._conn() as conn:
+            await conn.execute(
+                "UPDATE session_events SET published_at = now() WHERE seq = ANY($1::int8[])",
+                list(seqs),
+            )
+
+    async def snapshot_xmin(self) -> int:
+        """Every transaction with a smaller id has ended (committed or not)."""
+        async with self._conn() as conn:
+            value = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        return int(value)
+
+    async def sessions_changed(
+        self, since_xid: int, *, open_only: bool = False
+    ) -> list[tuple[int, Session]]:
+        """(state tick, session with totals) of sessions changed by transactions >= since_xid."""
+        condition = "s.status = 'open'" if open_only else "s.state_xid >= $1"
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                f"""SELECT s.state_tick, {_SESSION_COLUMNS} FROM production_sessions s
+                    WHERE {condition} AND $1::bigint IS NOT NULL ORDER BY s.state_tick""",
+                since_xid,
+            )
+            if not rows:
+                return []
+            workers = await conn.fetch(
+                """SELECT session_id, worker_id, units, records, voided
+                   FROM session_worker_totals WHERE session_id = ANY($1::text[])""",
+                [r["session_id"] for r in rows],
+            )
+        by_session: dict[str, list[asyncpg.Record]] = {}
+        for w in workers:
+            by_session.setdefault(w["session_id"], []).append(w)
+        return [(r["state_tick"], _session(r, by_session.get(r["session_id"], ()))) for r in rows]
+
+    async def cursor(self, name: str) -> int:
+        async with self._conn() as conn:
+            value = await conn.fetchval(
+                "SELECT position FROM publisher_cursors WHERE name = $1", name
+            )
+        return int(value or 0)
+
+    async def save_cursor(self, name: str, position: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(
+                """INSERT INTO publisher_cursors (name, position) VALUES ($1, $2)
+                   ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                                    updated_at = now()""",
+                name,
+                position,
+            )
+
+    @asynccontextmanager
+    async def leadership(self, key: int) -> AsyncIterator[asyncpg.Connection | None]:
+        """A dedicated connection holding advisory lock ``key`` (None if another holds it).
+
+        The lock lives as long as the connection: if this process dies, it is released and
+        another process takes over.
+        """
+        try:
+            conn = await asyncpg.connect(self._dsn)
+        except Exception as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+            raise
+        try:
+            got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
+            yield conn if got else None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
 
     # records ------------------------------------------------------------------------------
 
@@ -610,3 +767,64 @@ class DeadLetter:
     payload: bytes
     payload_size: int
     truncated: bool
+
+
+_UPDATABLE = {
+    "samplingUnit": "sampling_unit",
+    "pricePerUnit": "price_per_unit",
+    "bonus": "bonus",
+    "notes": "notes",
+}
+
+
+class SessionTx:
+    """Changes to one locked session, inside its transaction; each returns the new session."""
+
+    def __init__(self, conn: asyncpg.Connection, session: Session) -> None:
+        self._conn = conn
+        self.session = session
+
+    async def _apply(self, sql: str, *args: object) -> Session:
+        row = await self._conn.fetchrow(
+            f"""UPDATE production_sessions s SET {sql}, updated_at = now(),
+                       state_tick = nextval('session_state_tick'),
+        state_xid = pg_current_xact_id()::text::bigint
+                WHERE s.session_id = $1 RETURNING {_SESSION_COLUMNS}""",
+            self.session.session_id,
+            *args,
+        )
+        assert row is not None
+        self.session = _session(row, await _workers(self._conn, self.session.session_id))
+        return self.session
+
+    async def expire(self) -> Session:
+        return await self._apply(
+            "status = 'closed', close_reason = 'expired', closed_at = s.expires_at, "
+            "version = s.version + 1"
+        )
+
+    async def close(self, at: datetime) -> Session:
+        return await self._apply(
+            "status = 'closed', close_reason = 'closed', closed_at = $2, version = s.version + 1",
+            at,
+        )
+
+    async def extend(self, hours: float, expires_at: datetime) -> Session:
+        return await self._apply(
+            "max_duration_hours = $2, expires_at = $3, version = s.version + 1",
+            hours,
+            expires_at,
+        )
+
+    async def update(self, changes: dict[str, Any]) -> Session:
+        """Set the updatable fields in ``changes`` (wire names); the admission version stays."""
+        sets, args = [], []
+        for name, value in changes.items():
+            column = _UPDATABLE[name]
+            args.append(value)
+            cast = "::float8::numeric" if column == "price_per_unit" else ""
+            sets.append(f"{column} = ${len(args) + 1}{cast}")
+        return await self._apply(", ".join(sets), *args)
+
+    async def emit(self, events: Sequence[SessionEvent]) -> None:
+        await _insert_events(self._conn, events)

@@ -21,9 +21,11 @@ from gateway.core.models import (
     CheckIdempotency,
     CreateRecord,
     Envelope,
+    ExtendSession,
     OpenSession,
     RecordCommand,
     SessionCommand,
+    UpdateSession,
     decode_object,
     take_envelope,
     validate,
@@ -102,6 +104,9 @@ class Dispatcher:
         self._handlers: dict[Op, OpHandler] = {
             Op.OPEN_SESSION: self._open_session,
             Op.GET_SESSION: self._get_session,
+            Op.UPDATE_SESSION: self._update_session,
+            Op.CLOSE_SESSION: self._close_session,
+            Op.EXTEND_SESSION: self._extend_session,
             Op.GET_RECORD: self._get_record,
             Op.CHECK_IDEMPOTENCY: self._check_idempotency,
         }
@@ -260,6 +265,27 @@ class Dispatcher:
         data = await self.service.get_session(r.who, r.route.session_id)
         return {"status": "success", "data": data}
 
+    async def _update_session(self, r: _Request) -> dict[str, Any]:
+        who, session_id = _session_target(r)
+        cmd = validate(UpdateSession, r.data)
+        _same_id(cmd.sessionId, session_id, "sessionId")
+        data = await self.service.update_session(who, session_id, cmd, r.msg.received_at)
+        return {"status": "success", "data": data}
+
+    async def _close_session(self, r: _Request) -> dict[str, Any]:
+        who, session_id = _session_target(r)
+        cmd = validate(SessionCommand, r.data)
+        _same_id(cmd.sessionId, session_id, "sessionId")
+        data = await self.service.close_session(who, session_id, r.msg.received_at)
+        return {"status": "success", "data": data}
+
+    async def _extend_session(self, r: _Request) -> dict[str, Any]:
+        who, session_id = _session_target(r)
+        cmd = validate(ExtendSession, r.data)
+        _same_id(cmd.sessionId, session_id, "sessionId")
+        data = await self.service.extend_session(who, session_id, cmd, r.msg.received_at)
+        return {"status": "success", "data": data}
+
     async def _get_record(self, r: _Request) -> dict[str, Any]:
         assert r.who is not None and r.route is not None and r.route.record_id is not None
         cmd = validate(RecordCommand, r.data)
@@ -272,6 +298,11 @@ class Dispatcher:
         cmd = validate(CheckIdempotency, r.data)
         exists = await self.service.check_key(r.who, cmd.key)
         return {"status": "success", "data": {"key": cmd.key, "exists": exists}}
+
+
+def _session_target(r: _Request) -> tuple[Principal, str]:
+    assert r.who is not None and r.route is not None and r.route.session_id is not None
+    return r.who, r.route.session_id
 
 
 def _same_id(given: str | None, topic_id: str, name: str) -> None:

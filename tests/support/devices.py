@@ -78,7 +78,7 @@ class Device:
                 if corr is not None and corr in self._waiting:
                     fut = self._waiting.pop(corr)
                     if not fut.done():
-                        fut.set_result(orjson.loads(msg.payload))  # type: ignore[arg-type]
+                        fut.set_result(orjson.loads(msg.payload))
                     continue
                 for pattern, queue in self._inboxes.items():
                     if aiomqtt.Topic(topic).matches(pattern):
@@ -92,7 +92,7 @@ class Device:
         suffix: str,
         payload: dict[str, Any] | bytes,
         *,
-        token: str | None | bool = True,
+        token: str | bool | None = True,
         response_topic: str | None = None,
         qos: int = 1,
     ) -> bytes:
@@ -111,7 +111,7 @@ class Device:
         suffix: str,
         payload: dict[str, Any] | bytes,
         *,
-        token: str | None | bool = True,
+        token: str | bool | None = True,
         timeout: float = REPLY_TIMEOUT_S,
     ) -> dict[str, Any]:
         """Publish a request and wait for its reply (matched by Correlation Data)."""
@@ -182,7 +182,7 @@ class LegacyDevice:
             async for msg in self._client.messages:
                 fut = self._replies.pop(str(msg.topic), None)
                 if fut is not None and not fut.done():
-                    fut.set_result(orjson.loads(msg.payload))  # type: ignore[arg-type]
+                    fut.set_result(orjson.loads(msg.payload))
 
     async def request(
         self, suffix: str, payload: dict[str, Any], timeout: float = REPLY_TIMEOUT_S

@@ -48,7 +48,10 @@ def record(worker: str = "JS0315", event: str | None = None, **overrides: Any) -
 
 
 async def make_tenant(
-    store: PostgresStore, *, timezone: str = "America/Mexico_City", max_hours: float = 12,
+    store: PostgresStore,
+    *,
+    timezone: str = "America/Mexico_City",
+    max_hours: float = 12,
     sectors: int = 3,
 ) -> Tenant:
     tag = secrets.token_hex(5)

@@ -1,0 +1,230 @@
+"""Background work that talks to devices without being asked: expiry, events, retained state.
+
+- ``Sweeper`` (every process): closes sessions past their deadline with one conditional UPDATE,
+  so with several gateways each session is closed and announced exactly once.
+- ``Publisher`` (one elected process, a PostgreSQL advisory lock): publishes the outbox of
+  session events, marking each published only after the broker's PUBACK (a crash in between
+  delays an event, never loses it), and the retained state of every changed session, at most
+  once per ``GATEWAY_STATE_INTERVAL_S`` per session however fast records arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from gateway.config import Settings
+from gateway.core.topics import Topics
+from gateway.core.views import Session, session_object
+from gateway.errors import StoreUnavailable
+from gateway.metrics import Metrics
+from gateway.service import Service
+from gateway.store.postgres import PostgresStore
+from gateway.transport.mqtt import MqttLink, PublishError
+
+log = logging.getLogger(__name__)
+
+LEADER_LOCK_KEY = 0x48594450  # "HYDP"
+PUBACK_TIMEOUT_S = 10.0
+CURSOR_SAVE_EVERY_S = 5.0
+
+
+async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), seconds)
+
+
+class Sweeper:
+    """Closes expired sessions now and then, or at once when nudged."""
+
+    def __init__(self, service: Service, interval_s: float, metrics: Metrics) -> None:
+        self._service = service
+        self._interval_s = interval_s
+        self._metrics = metrics
+        self._nudged = asyncio.Event()
+
+    def nudge(self) -> None:
+        self._nudged.set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                closed = await self._service.expire_due(datetime.now(UTC))
+            except StoreUnavailable as exc:
+                log.warning("sweeper waits for the database: %s", exc)
+            except Exception:
+                log.exception("sweeper failed; retrying")
+            else:
+                if closed:
+                    log.info("closed %d expired session(s)", len(closed))
+                    self._metrics.inc("gateway_sessions_expired_total", len(closed))
+            self._nudged.clear()
+            nudged = asyncio.ensure_future(self._nudged.wait())
+            stopped = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait(
+                [nudged, stopped], timeout=self._interval_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            nudged.cancel()
+            stopped.cancel()
+
+
+class Publisher:
+    """Outbox and retained state, published by whichever process holds the leader lock."""
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        link: MqttLink,
+        topics: Topics,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._link = link
+        self._topics = topics
+        self._settings = settings
+        self._metrics = metrics
+        self._published_ticks: dict[str, int] = {}
+        self.leading = False
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                async with self._store.leadership(LEADER_LOCK_KEY) as conn:
+                    if conn is not None:
+                        await self._lead(conn, stopping)
+            except StoreUnavailable as exc:
+                log.debug("publisher waits for the database: %s", exc)
+            except Exception:
+                log.exception("publisher failed; retrying")
+            finally:
+                if self.leading:
+                    log.info("no longer publishing events and state")
+                self.leading = False
+            await _sleep_or_stop(stopping, 2.0)
+
+    async def _lead(self, conn: asyncpg.Connection, stopping: asyncio.Event) -> None:
+        self.leading = True
+        log.info("elected to publish session events and retained state")
+        lost = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._watch(conn, lost, stopping), name="leader-watch"),
+            asyncio.create_task(self._outbox_loop(lost, stopping), name="outbox"),
+            asyncio.create_task(self._state_loop(lost, stopping), name="state"),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.set()
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception) and not isinstance(result, StoreUnavailable):
+                    log.error("publisher task failed", exc_info=result)
+
+    async def _watch(
+        self, conn: asyncpg.Connection, lost: asyncio.Event, stopping: asyncio.Event
+    ) -> None:
+        """Leadership lasts as long as the lock's connection answers."""
+        while not stopping.is_set():
+            try:
+                await asyncio.wait_for(conn.fetchval("SELECT 1"), 5)
+            except Exception as exc:
+                log.warning("leader connection lost (%s)", exc)
+                return
+            await _sleep_or_stop(stopping, 2.0)
+
+    async def _confirmed(self, futures: Sequence[asyncio.Future[None]]) -> list[bool]:
+        """Which publishes the broker acknowledged (PUBACK) within the timeout."""
+        if not futures:
+            return []
+        await asyncio.wait(futures, timeout=PUBACK_TIMEOUT_S)
+        return [f.done() and not f.cancelled() and f.exception() is None for f in futures]
+
+    # outbox -------------------------------------------------------------------------------
+
+    async def _outbox_loop(self, lost: asyncio.Event, stopping: asyncio.Event) -> None:
+        while not (lost.is_set() or stopping.is_set()):
+            await self._link.wait_connected()
+            events = await self._store.pending_events()
+            if not events:
+                await _sleep_or_stop(stopping, 0.1)
+                continue
+            futures: list[asyncio.Future[None]] = []
+            sent: list[int] = []
+            try:
+                for seq, event in events:
+                    payload = orjson.dumps(event.as_json())
+                    futures.append(
+                        self._link.publish(self._topics.events(event.session_id), payload)
+                    )
+                    sent.append(seq)
+            except PublishError:
+                pass  # the link dropped: what was queued is judged below, the rest waits
+            ok = await self._confirmed(futures)
+            acked = [seq for seq, good in zip(sent, ok, strict=True) if good]
+            await self._store.mark_published(acked)
+            self._metrics.inc("gateway_events_published_total", len(acked))
+            if len(acked) < len(events):
+                await _sleep_or_stop(stopping, 1.0)
+
+    # retained state -----------------------------------------------------------------------
+
+    async def _state_loop(self, lost: asyncio.Event, stopping: asyncio.Event) -> None:
+        store = self._store
+        saved = await store.cursor("state")
+        if saved:
+            low = saved
+        else:  # first leader ever: every open session once, then follow changes
+            low = await store.snapshot_xmin()
+            await self._publish_states(await store.sessions_changed(0, open_only=True))
+        last_save = time.monotonic()
+        while not (lost.is_set() or stopping.is_set()):
+            await self._link.wait_connected()
+            xmin = await store.snapshot_xmin()
+            changed = await store.sessions_changed(low)
+            if await self._publish_states(changed):
+                low = xmin
+                if time.monotonic() - last_save > CURSOR_SAVE_EVERY_S:
+                    await store.save_cursor("state", low)
+                    last_save = time.monotonic()
+            await _sleep_or_stop(stopping, self._settings.state_interval_s)
+        with contextlib.suppress(Exception):
+            await store.save_cursor("state", low)
+
+    async def _publish_states(self, changed: Sequence[tuple[int, Session]]) -> bool:
+        """Publish what changed since last time; True when the broker confirmed all of it."""
+        seen = {s.session_id for _, s in changed}
+        ticks = self._published_ticks
+        for session_id in [k for k in ticks if k not in seen]:
+            del ticks[session_id]  # unchanged since the low mark: no longer needs tracking
+        todo = [(tick, s) for tick, s in changed if ticks.get(s.session_id, -1) < tick]
+        futures: list[asyncio.Future[None]] = []
+        try:
+            for _tick, session in todo:
+                futures.append(self._publish_state(session))
+        except PublishError:
+            return False
+        ok = await self._confirmed(futures)
+        for (tick, session), good in zip(todo, ok, strict=True):
+            if good:
+                ticks[session.session_id] = tick
+        self._metrics.inc("gateway_states_published_total", sum(ok))
+        return all(ok)
+
+    def _publish_state(self, session: Session) -> asyncio.Future[None]:
+        expiry = self._settings.state_retain_s if session.facts.status == "closed" else None
+        return self._link.publish(
+            self._topics.state(session.session_id),
+            orjson.dumps(session_object(session)),
+            retain=True,
+            expiry_s=expiry,
+        )

@@ -1,0 +1,194 @@
+"""Settings of SPEC §6: defaults, GATEWAY_* variables, and errors that name the variable."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+from pydantic import ValidationError
+
+from gateway.config import MqttEndpoint, Settings, load_settings
+from gateway.errors import ConfigError
+
+GOOD_SECRET = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without any GATEWAY_* variable from the surrounding shell."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    """Without any variable the settings are the documented defaults."""
+    s = load_settings()
+    assert isinstance(s, Settings)
+    assert s.mqtt_url == "mqtt://127.0.0.1:1883"
+    assert s.database_url.startswith("postgresql://")
+    assert s.topic_prefix == "hydrobit/v2"
+    assert s.share_group == "hydrobit-gateway"
+    assert s.mqtt_client_id == f"hydrobit-gateway-{socket.gethostname()}"
+    assert s.mqtt_session_expiry_s == 86_400
+    assert s.http_port == 8080
+    assert s.max_payload_bytes == 262_144
+    assert s.max_bulk == 1_000
+    assert s.max_session_hours == 48
+    assert s.clock_skew_s == 300
+    assert s.late_sync_grace_s == 0
+    assert s.state_retain_s == 7 * 86_400
+    assert s.jwt_secret is None
+    assert s.jwt_jwks is None
+    assert s.jwt_audience is None
+    assert s.jwt_issuer is None
+
+
+def test_settings_are_frozen() -> None:
+    """Settings are built once and cannot be changed afterwards."""
+    s = load_settings()
+    with pytest.raises(ValidationError, match="frozen"):
+        s.max_bulk = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "attr", "expected"),
+    [
+        ("GATEWAY_MQTT_URL", "ws://broker:9001/mqtt", "mqtt_url", "ws://broker:9001/mqtt"),
+        ("GATEWAY_TOPIC_PREFIX", "/acme/v3/", "topic_prefix", "acme/v3"),
+        ("GATEWAY_SHARE_GROUP", "gw-blue", "share_group", "gw-blue"),
+        ("GATEWAY_MQTT_CLIENT_ID", "gw-replica-2", "mqtt_client_id", "gw-replica-2"),
+        ("GATEWAY_MAX_BULK", "50", "max_bulk", 50),
+        ("GATEWAY_MAX_SESSION_HOURS", "72", "max_session_hours", 72),
+        ("GATEWAY_LATE_SYNC_GRACE_S", "900", "late_sync_grace_s", 900),
+        ("GATEWAY_CLOCK_SKEW_S", "0", "clock_skew_s", 0),
+        ("GATEWAY_JWT_SECRET", GOOD_SECRET, "jwt_secret", GOOD_SECRET),
+        ("GATEWAY_JWT_AUDIENCE", "hydrobit", "jwt_audience", "hydrobit"),
+        ("GATEWAY_LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("GATEWAY_HTTP_PORT", "0", "http_port", 0),
+    ],
+)
+def test_env_overrides(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str, attr: str, expected: object
+) -> None:
+    """Each GATEWAY_* variable sets its setting."""
+    monkeypatch.setenv(var, value)
+    assert getattr(load_settings(), attr) == expected
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("GATEWAY_MQTT_URL", "http://broker:1883"),
+        ("GATEWAY_MQTT_URL", "tcp://broker:1883"),
+        ("GATEWAY_MQTT_URL", "mqtt://"),
+        ("GATEWAY_MQTT_URL", "broker:1883"),
+        ("GATEWAY_DATABASE_URL", "mysql://u@h/db"),
+        ("GATEWAY_MAX_BULK", "-1"),
+        ("GATEWAY_MAX_BULK", "0"),
+        ("GATEWAY_MAX_BULK", "many"),
+        ("GATEWAY_MAX_UNITS", "-5"),
+        ("GATEWAY_MAX_SESSION_HOURS", "-1"),
+        ("GATEWAY_MAX_PAYLOAD_BYTES", "-1"),
+        ("GATEWAY_CLOCK_SKEW_S", "-1"),
+        ("GATEWAY_LATE_SYNC_GRACE_S", "-60"),
+        ("GATEWAY_STATE_RETAIN_S", "0"),
+        ("GATEWAY_MQTT_SESSION_EXPIRY_S", "-1"),
+        ("GATEWAY_HTTP_PORT", "70000"),
+        ("GATEWAY_TOPIC_PREFIX", "hydrobit/+/v2"),
+        ("GATEWAY_TOPIC_PREFIX", "hydrobit/#"),
+        ("GATEWAY_TOPIC_PREFIX", "$SYS/hydrobit"),
+        ("GATEWAY_TOPIC_PREFIX", "/"),
+        ("GATEWAY_SHARE_GROUP", "a/b"),
+        ("GATEWAY_SHARE_GROUP", "g+"),
+        ("GATEWAY_LOG_LEVEL", "LOUD"),
+        ("GATEWAY_LOG_FORMAT", "xml"),
+    ],
+)
+def test_bad_values_name_the_variable(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    """A bad value is a ConfigError whose message names the GATEWAY_ variable."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert var in str(info.value)
+
+
+@pytest.mark.parametrize("secret", ["short", "x" * 31, "ü" * 15])
+def test_short_jwt_secret(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    """A JWT secret under 32 bytes is refused, naming GATEWAY_JWT_SECRET."""
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", secret)
+    with pytest.raises(ConfigError, match="GATEWAY_JWT_SECRET"):
+        load_settings()
+
+
+def test_overrides_are_checked_like_env() -> None:
+    """Keyword overrides go through the same checks."""
+    with pytest.raises(ConfigError, match="GATEWAY_MQTT_URL"):
+        load_settings(mqtt_url="http://x")
+
+
+def test_require_jwt_keys() -> None:
+    """Serving needs GATEWAY_JWT_SECRET or GATEWAY_JWT_JWKS; the error names both."""
+    with pytest.raises(ConfigError) as info:
+        load_settings().require_jwt_keys()
+    assert "GATEWAY_JWT_SECRET" in str(info.value)
+    assert "GATEWAY_JWT_JWKS" in str(info.value)
+    load_settings(jwt_secret=GOOD_SECRET).require_jwt_keys()
+    load_settings(jwt_jwks="/etc/hydrobit/jwks.json").require_jwt_keys()
+
+
+def test_database_display_hides_the_password() -> None:
+    """The database URL shown in logs has no password."""
+    s = load_settings(database_url="postgresql://gw:s3cret@db.internal:6432/hydrobit")
+    assert "s3cret" not in s.database_display
+    assert s.database_display == "postgresql://gw@db.internal:6432/hydrobit"
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "host", "port", "path", "websocket", "tls"),
+    [
+        ("mqtt://broker", "mqtt", "broker", 1883, "/mqtt", False, False),
+        ("mqtt://broker:1884", "mqtt", "broker", 1884, "/mqtt", False, False),
+        ("mqtts://broker", "mqtts", "broker", 8883, "/mqtt", False, True),
+        ("ws://broker:9001/mqtt", "ws", "broker", 9001, "/mqtt", True, False),
+        ("ws://broker:9001", "ws", "broker", 9001, "/mqtt", True, False),
+        ("wss://iot.hydrobit.ag:8443/ws", "wss", "iot.hydrobit.ag", 8443, "/ws", True, True),
+        ("mqtt://127.0.0.1:1883", "mqtt", "127.0.0.1", 1883, "/mqtt", False, False),
+        ("mqtt://[::1]:1883", "mqtt", "::1", 1883, "/mqtt", False, False),
+    ],
+)
+def test_mqtt_endpoint(
+    url: str, scheme: str, host: str, port: int, path: str, websocket: bool, tls: bool
+) -> None:
+    """GATEWAY_MQTT_URL gives scheme, host, port (default per scheme) and WebSocket path."""
+    e = MqttEndpoint(url)
+    assert (e.scheme, e.host, e.port, e.path) == (scheme, host, port, path)
+    assert (e.websocket, e.tls) == (websocket, tls)
+
+
+@pytest.mark.parametrize(
+    ("url", "port"),
+    [
+        pytest.param("wss://iot.hydrobit.ag/", 443, id="seeds-wss-endpoint"),
+        pytest.param("wss://iot.hydrobit.ag/mqtt", 443, id="wss-no-port"),
+    ],
+)
+def test_wss_without_port_is_443(url: str, port: int) -> None:
+    """wss:// without a port means 443 (RFC 6455): the seeds' endpoint wss://iot.hydrobit.ag/."""
+    assert MqttEndpoint(url).port == port
+
+
+def test_settings_expose_the_endpoint() -> None:
+    """Settings.mqtt is the parsed GATEWAY_MQTT_URL."""
+    e = load_settings(mqtt_url="mqtts://broker.example:8884").mqtt
+    assert (e.host, e.port, e.tls) == ("broker.example", 8884, True)
+
+
+@pytest.mark.parametrize("url", ["http://broker", "tcp://broker:1883", "mqtt://", "ws:///mqtt", ""])
+def test_mqtt_endpoint_refusals(url: str) -> None:
+    """Unsupported schemes and URLs without a host are refused."""
+    with pytest.raises(ValueError, match=r"scheme|host"):
+        MqttEndpoint(url)

@@ -9,7 +9,11 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, StoreUnavailable
@@ -102,6 +106,63 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_since(text: str) -> datetime:
+    """``2025-10-19T08:00:00Z`` or a duration ago: ``90s``, ``30m``, ``2h``, ``7d``."""
+    if _TTL.match(text.strip()):
+        return datetime.now(UTC) - timedelta(seconds=parse_ttl(text))
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad --since {text!r}: use an ISO time (2025-10-19T08:00:00Z) or 30m, 2h, 7d"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from gateway.core.rules import iso
+    from gateway.store.postgres import PostgresStore
+
+    settings = load_settings()
+
+    async def fetch() -> list[Any]:
+        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        try:
+            return await store.dead_letters(since=args.since, reason=args.reason, limit=args.limit)
+        finally:
+            await store.close()
+
+    rows = asyncio.run(fetch())
+    for row in rows:
+        payload = bytes(row["payload"]).decode("utf-8", errors="replace")
+        if args.json:
+            print(
+                orjson.dumps(
+                    {
+                        "id": row["id"],
+                        "receivedAt": iso(row["received_at"]),
+                        "topic": row["topic"],
+                        "reason": row["reason"],
+                        "message": row["message"],
+                        "auth0Id": row["auth0_id"],
+                        "payload": payload,
+                        "payloadSize": row["payload_size"],
+                        "truncated": row["truncated"],
+                    }
+                ).decode()
+            )
+        else:
+            shown = payload if len(payload) <= 120 else payload[:117] + "..."
+            print(
+                f"{iso(row['received_at'])}  {row['reason']:<20} {row['topic']}\n"
+                f"    {row['message']}\n    user={row['auth0_id'] or '-'} "
+                f"size={row['payload_size']} payload={shown!r}"
+            )
+    if not args.json:
+        print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.devmode import run_dev
 
@@ -127,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("seed", help="load companies, users, projects, sectors (YAML or JSON)")
     p.add_argument("file")
     p.set_defaults(func=cmd_seed)
+
+    p = sub.add_parser("dead-letters", help="list refused requests, newest first")
+    p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
+    p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("token", help="mint an HS256 development token")
     p.add_argument("--sub", required=True, help="the user (auth0Id)")

@@ -32,6 +32,7 @@ class DeadLetterWriter:
 
     def __call__(self, refusal: Refusal) -> None:
         m = refusal.msg
+        payload = refusal.payload if refusal.payload is not None else m.payload
         if len(self._buffer) >= MAX_BUFFERED:
             self._buffer.popleft()
             self._metrics.inc("gateway_dead_letters_dropped_total")
@@ -42,9 +43,9 @@ class DeadLetterWriter:
                 reason=refusal.code,
                 message=refusal.message[:1000],
                 auth0_id=refusal.auth0_id,
-                payload=m.payload[: self._cap],
-                payload_size=len(m.payload),
-                truncated=len(m.payload) > self._cap,
+                payload=payload[: self._cap],
+                payload_size=len(payload),
+                truncated=len(payload) > self._cap,
             )
         )
         self._metrics.inc_labelled("gateway_refused_total", "code", refusal.code)

@@ -29,10 +29,19 @@ from gateway.core.models import (
     ExtendSession,
     OpenSession,
     UpdateSession,
+    VoidRecord,
     number_out,
 )
 from gateway.core.rules import Limits, Principal, SessionFacts
-from gateway.core.views import Record, Session, record_object, record_preview, session_object
+from gateway.core.views import (
+    Record,
+    Session,
+    dec_out,
+    record_object,
+    record_preview,
+    session_object,
+    totals_object,
+)
 from gateway.errors import (
     Forbidden,
     IdempotencyConflict,
@@ -410,6 +419,52 @@ class Service:
                 retry.append(i)  # the session changed under us: decide again
         return retry
 
+    async def void_record(
+        self, who: Principal, record_id: str, cmd: VoidRecord, arrival: datetime
+    ) -> dict[str, Any]:
+        """Cancel a record with a counter-movement; voiding again answers the same void."""
+        refusal: RequestError | None = None
+        async with self.store.lock_record(record_id) as tx:
+            if tx is None or tx.record.company_id != who.company_id:
+                raise NotFound(f"record {record_id} not found")
+            facts = tx.session_tx.session.facts
+            rules.check_access(facts, who)
+            if tx.record.kind == "void":
+                raise InvalidRequest(
+                    f"{record_id} is itself a void (a counter-movement); it cannot be voided",
+                    {"voidOf": tx.record.void_of},
+                )
+            existing = await tx.void_of()
+            if existing is not None:  # a replay: answered before the open check
+                return _void_data(existing, idempotent=True)
+            refusal = rules.refusal_for_closed(facts, arrival)
+            if refusal is None:
+                void = await tx.void(new_record_id(), cmd.reason, rules.to_millis(arrival))
+                data = _void_data(void, idempotent=False)
+                session = tx.session_tx.session
+                await tx.session_tx.emit(
+                    [
+                        new_event(
+                            EventType.RECORD_VOIDED,
+                            session.session_id,
+                            {
+                                "recordId": record_id,
+                                "voidRecordId": void.record_id,
+                                "workerId": void.worker_id,
+                                "units": dec_out(-void.units),
+                                "reason": cmd.reason,
+                                "totals": totals_object(session),
+                            },
+                            arrival,
+                        )
+                    ]
+                )
+                return data
+            if facts.expired_at(arrival):
+                expired = await tx.session_tx.expire()
+                await tx.session_tx.emit(expiry_events([expired], arrival))
+        raise refusal
+
     async def get_record(self, who: Principal, record_id: str) -> dict[str, Any]:
         record = await self.store.record(record_id)
         if record is None or record.company_id != who.company_id:
@@ -458,6 +513,24 @@ def _accepted_record(r: RecordRequest, record_id: str) -> Record:
         voided_by=None,
         created_at=r.arrival,
     )
+
+
+def _void_data(void: Record, *, idempotent: bool) -> dict[str, Any]:
+    return {
+        "recordId": void.record_id,
+        "voidedRecordId": void.void_of,
+        "payloadPreview": {
+            "recordId": void.record_id,
+            "voidOf": void.void_of,
+            "sessionId": void.session_id,
+            "workerId": void.worker_id,
+            "worker_name": void.worker_name,
+            "units": dec_out(void.units),
+            "reason": void.void_reason,
+            "createdAt": rules.iso(void.created_at),
+        },
+        "idempotent": idempotent,
+    }
 
 
 def expiry_events(sessions: Sequence[Session], at: datetime) -> list[SessionEvent]:

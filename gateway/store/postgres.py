@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
@@ -444,6 +444,30 @@ class PostgresStore:
                 return
             yield SessionTx(conn, _session(row, await _workers(conn, session_id)))
 
+    @asynccontextmanager
+    async def lock_record(self, record_id: str) -> AsyncIterator[RecordTx | None]:
+        """A record and its session, both locked (session first, as everywhere), in one
+        transaction; None if the record does not exist."""
+        async with self._conn() as conn, conn.transaction():
+            session_id = await conn.fetchval(
+                "SELECT session_id FROM production_records WHERE record_id = $1", record_id
+            )
+            if session_id is None:
+                yield None
+                return
+            srow = await conn.fetchrow(
+                f"SELECT {_SESSION_COLUMNS} FROM production_sessions s "
+                "WHERE session_id = $1 FOR UPDATE",
+                session_id,
+            )
+            rrow = await conn.fetchrow(
+                f"SELECT {_RECORD_COLUMNS} FROM production_records WHERE record_id = $1 FOR UPDATE",
+                record_id,
+            )
+            assert srow is not None and rrow is not None
+            session_tx = SessionTx(conn, _session(srow, await _workers(conn, session_id)))
+            yield RecordTx(conn, _record(rrow), session_tx)
+
     async def expire_due(
         self,
         now: datetime,
@@ -797,6 +821,15 @@ class SessionTx:
         self.session = _session(row, await _workers(self._conn, self.session.session_id))
         return self.session
 
+    async def count_void(self, units: Decimal, *, worker_gone: bool) -> Session:
+        """Totals after a void: net units down, one more voided, maybe one worker fewer."""
+        return await self._apply(
+            "total_units = s.total_units - $2, total_voided = s.total_voided + 1, "
+            "total_workers = s.total_workers - $3",
+            units,
+            1 if worker_gone else 0,
+        )
+
     async def expire(self) -> Session:
         return await self._apply(
             "status = 'closed', close_reason = 'expired', closed_at = s.expires_at, "
@@ -828,3 +861,60 @@ class SessionTx:
 
     async def emit(self, events: Sequence[SessionEvent]) -> None:
         await _insert_events(self._conn, events)
+
+
+class RecordTx:
+    """Voiding one locked record, inside its (and its session's) transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, record: Record, session_tx: SessionTx) -> None:
+        self._conn = conn
+        self.record = record
+        self.session_tx = session_tx
+
+    async def void_of(self) -> Record | None:
+        """The counter-movement that voided this record, if any."""
+        if self.record.voided_by is None:
+            return None
+        row = await self._conn.fetchrow(
+            f"SELECT {_RECORD_COLUMNS} FROM production_records WHERE record_id = $1",
+            self.record.voided_by,
+        )
+        return _record(row) if row else None
+
+    async def void(self, void_id: str, reason: str, at: datetime) -> Record:
+        """Write the counter-movement, mark the original voided, move the totals."""
+        r = self.record
+        conn = self._conn
+        row = await conn.fetchrow(
+            f"""INSERT INTO production_records (
+                    record_id, company_id, session_id, owner_id, worker_id, worker_name, units,
+                    recorded_at, kind, void_of, void_reason)
+                VALUES ($1, $2, $3, $4, $5, $6, -$7::numeric, $8, 'void', $9, $10)
+                RETURNING {_RECORD_COLUMNS}""",
+            void_id,
+            r.company_id,
+            r.session_id,
+            r.owner,
+            r.worker_id,
+            r.worker_name,
+            r.units,
+            at,
+            r.record_id,
+            reason,
+        )
+        assert row is not None
+        await conn.execute(
+            "UPDATE production_records SET state = 'voided', voided_by = $2 WHERE record_id = $1",
+            r.record_id,
+            void_id,
+        )
+        left = await conn.fetchval(
+            """UPDATE session_worker_totals SET units = units - $3, voided = voided + 1
+               WHERE session_id = $1 AND worker_id = $2 RETURNING records - voided""",
+            r.session_id,
+            r.worker_id,
+            r.units,
+        )
+        await self.session_tx.count_void(r.units, worker_gone=left == 0)
+        self.record = replace(r, state="voided", voided_by=void_id)
+        return _record(row)

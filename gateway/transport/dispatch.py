@@ -18,6 +18,7 @@ import orjson
 
 from gateway.core.auth import Claims, TokenVerifier
 from gateway.core.models import (
+    BulkRecords,
     CheckIdempotency,
     CreateRecord,
     Envelope,
@@ -26,6 +27,7 @@ from gateway.core.models import (
     RecordCommand,
     SessionCommand,
     UpdateSession,
+    VoidRecord,
     decode_object,
     take_envelope,
     validate,
@@ -39,7 +41,7 @@ from gateway.errors import (
     as_request_error,
     error_body,
 )
-from gateway.service import RecordRequest, Service
+from gateway.service import RecordOutcome, RecordRequest, Service
 from gateway.transport.mqtt import Inbound
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class Refusal:
     code: str
     message: str
     auth0_id: str | None
+    payload: bytes | None = None  # what was refused, when it is part of the message (a bulk item)
 
 
 @dataclass(slots=True)
@@ -80,6 +83,51 @@ class _Request:
 
 
 OpHandler = Callable[[_Request], Awaitable[dict[str, Any]]]
+Sink = Callable[[RecordOutcome], None]
+
+
+def _single_sink(r: _Request) -> Sink:
+    def settle(outcome: RecordOutcome) -> None:
+        if isinstance(outcome, RequestError):
+            r.error = outcome
+        else:
+            r.body = {"status": "success", "data": outcome.data()}
+
+    return settle
+
+
+class _Bulk:
+    """The per-record results of one bulk, filled as outcomes arrive."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.results: list[dict[str, Any]] = []
+        for i, item in enumerate(items):
+            event_id = item.get("clientEventId") if isinstance(item, dict) else None
+            self.results.append(
+                {"index": i, "clientEventId": event_id if isinstance(event_id, str) else None}
+            )
+
+    def settle(self, i: int, outcome: RecordOutcome) -> None:
+        result = self.results[i]
+        if isinstance(outcome, RequestError):
+            result["status"] = "failed"
+            result["error"] = error_body(outcome)
+        else:
+            result["status"] = "duplicated" if outcome.idempotent else "ok"
+            result["recordId"] = outcome.record.record_id
+
+    def sink(self, i: int) -> Sink:
+        return lambda outcome: self.settle(i, outcome)
+
+    def body(self) -> dict[str, Any]:
+        summary = {"ok": 0, "duplicated": 0, "failed": 0}
+        for result in self.results:
+            result.setdefault("status", "failed")
+            if result["status"] == "failed" and "error" not in result:
+                result["error"] = error_body(RuntimeError("no outcome"))
+            summary[result["status"]] += 1
+        return {"status": "success", "results": self.results, "summary": summary}
 
 
 class Dispatcher:
@@ -108,6 +156,7 @@ class Dispatcher:
             Op.CLOSE_SESSION: self._close_session,
             Op.EXTEND_SESSION: self._extend_session,
             Op.GET_RECORD: self._get_record,
+            Op.VOID_RECORD: self._void_record,
             Op.CHECK_IDEMPOTENCY: self._check_idempotency,
         }
 
@@ -118,19 +167,23 @@ class Dispatcher:
         """One reply per message, in order. Raises StoreUnavailable with nothing answered."""
         reqs = [self._prepare(m) for m in batch]
         await self._resolve_principals(reqs)
-        records: list[tuple[_Request, RecordRequest]] = []
+        records: list[tuple[Sink, RecordRequest]] = []
+        bulks: list[tuple[_Request, _Bulk]] = []
         others: list[_Request] = []
         for r in reqs:
             if not r.open:
                 continue
             assert r.route is not None
-            if r.route.op is Op.CREATE_RECORD:
-                try:
-                    records.append((r, self._record_request(r)))
-                except RequestError as exc:
-                    r.error = exc
-            else:
-                others.append(r)
+            try:
+                if r.route.op is Op.CREATE_RECORD:
+                    records.append((_single_sink(r), self._record_request(r)))
+                elif r.route.op is Op.BULK_RECORDS:
+                    bulk = self._bulk(r, records)
+                    bulks.append((r, bulk))
+                else:
+                    others.append(r)
+            except RequestError as exc:
+                r.error = exc
         results = await asyncio.gather(
             self._create_records(records),
             *(self._run(r) for r in others),
@@ -141,6 +194,10 @@ class Dispatcher:
                 raise result
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
+        for r, bulk in bulks:
+            if r.error is None:
+                r.body = bulk.body()
+                self._refuse_items(r, bulk)
         return [self._reply(r) for r in reqs]
 
     # stage 1: bytes -> request ------------------------------------------------------------
@@ -198,7 +255,52 @@ class Dispatcher:
         cmd = validate(CreateRecord, r.data)
         return RecordRequest(r.who, cmd, r.route.session_id, r.msg.received_at)
 
-    async def _create_records(self, records: list[tuple[_Request, RecordRequest]]) -> None:
+    def _bulk(self, r: _Request, records: list[tuple[Sink, RecordRequest]]) -> _Bulk:
+        """Validate a bulk's envelope and each item; valid items join the batch's records."""
+        assert r.who is not None
+        cmd = validate(BulkRecords, r.data)
+        limit = self.service.limits.max_bulk
+        if len(cmd.records) > limit:
+            raise InvalidRequest(
+                f"a bulk holds at most {limit} records (GATEWAY_MAX_BULK); this one has "
+                f"{len(cmd.records)}: split it",
+                {"limit": limit, "count": len(cmd.records)},
+            )
+        bulk = _Bulk(cmd.records)
+        for i, item in enumerate(cmd.records):
+            try:
+                if not isinstance(item, dict):
+                    raise InvalidRequest(f"records[{i}] must be a JSON object")
+                rec = validate(CreateRecord, item, prefix=f"records[{i}].")
+                if rec.sessionId is None:
+                    raise InvalidRequest(
+                        f"records[{i}].sessionId is required in a bulk",
+                        {"fields": [{"field": f"records[{i}].sessionId", "message": "required"}]},
+                    )
+            except RequestError as exc:
+                bulk.settle(i, exc)
+                continue
+            records.append(
+                (bulk.sink(i), RecordRequest(r.who, rec, rec.sessionId, r.msg.received_at))
+            )
+        return bulk
+
+    def _refuse_items(self, r: _Request, bulk: _Bulk) -> None:
+        """Each failed item of a bulk goes to the dead-letter table on its own."""
+        if self._on_refused is None:
+            return
+        for i, result in enumerate(bulk.results):
+            error = result.get("error")
+            if error is not None:
+                item = bulk.items[i]
+                raw = (
+                    orjson.dumps(item) if isinstance(item, dict | list | str | int | float) else b""
+                )
+                self._on_refused(
+                    Refusal(r.msg, error["code"], error["message"], _sub(r), payload=raw)
+                )
+
+    async def _create_records(self, records: list[tuple[Sink, RecordRequest]]) -> None:
         if not records:
             return
         try:
@@ -207,14 +309,9 @@ class Dispatcher:
             raise
         except Exception as exc:
             log.exception("creating %d records failed", len(records))
-            for r, _ in records:
-                r.error = as_request_error(exc)
-            return
-        for (r, _), outcome in zip(records, outcomes, strict=True):
-            if isinstance(outcome, RequestError):
-                r.error = outcome
-            else:
-                r.body = {"status": "success", "data": outcome.data()}
+            outcomes = [as_request_error(exc)] * len(records)
+        for (sink, _), outcome in zip(records, outcomes, strict=True):
+            sink(outcome)
 
     async def _run(self, r: _Request) -> None:
         assert r.route is not None
@@ -291,6 +388,12 @@ class Dispatcher:
         cmd = validate(RecordCommand, r.data)
         _same_id(cmd.recordId, r.route.record_id, "recordId")
         data = await self.service.get_record(r.who, r.route.record_id)
+        return {"status": "success", "data": data}
+
+    async def _void_record(self, r: _Request) -> dict[str, Any]:
+        assert r.who is not None and r.route is not None and r.route.record_id is not None
+        cmd = validate(VoidRecord, r.data)
+        data = await self.service.void_record(r.who, r.route.record_id, cmd, r.msg.received_at)
         return {"status": "success", "data": data}
 
     async def _check_idempotency(self, r: _Request) -> dict[str, Any]:

@@ -1,0 +1,296 @@
+"""Records complete: bulk offline sync, void, get, the MQTT idempotency check, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import orjson
+
+from gateway.store.postgres import PostgresStore
+from tests.integration.test_events_state import Watcher
+from tests.support.devices import Device
+from tests.support.servers import Servers
+from tests.support.tenants import JWT_SECRET, Tenant, make_tenant, record
+
+PREFIX = "hydrobit/v2"
+
+
+async def ledger(database: str, session_id: str) -> tuple[Decimal, int, int, int]:
+    """(net units, records, voided, counter-movements) straight from the ledger."""
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            """SELECT coalesce(sum(units), 0) AS units,
+                      count(*) FILTER (WHERE kind = 'record') AS records,
+                      count(*) FILTER (WHERE state = 'voided') AS voided,
+                      count(*) FILTER (WHERE kind = 'void') AS voids
+               FROM production_records WHERE session_id = $1""",
+            session_id,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return row["units"], row["records"], row["voided"], row["voids"]
+
+
+async def totals(device: Device, session_id: str) -> dict[str, Any]:
+    reply = await device.request(f"sessions/{session_id}/get", {})
+    assert reply["status"] == "success", reply
+    result: dict[str, Any] = reply["data"]["totals"]
+    return result
+
+
+async def assert_totals_match_ledger(device: Device, database: str, session_id: str) -> None:
+    t = await totals(device, session_id)
+    units, records, voided, _ = await ledger(database, session_id)
+    assert Decimal(str(t["units"])) == units
+    assert t["records"] == records
+    assert t["voided"] == voided
+
+
+async def test_bulk_with_new_duplicate_invalid_and_foreign_records(
+    servers: Servers, device: Device, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """Each record of a bulk is judged on its own; the reply lists every one and sums them up."""
+    existing = record(units=2, sessionId=session_id)
+    assert (await device.request(f"sessions/{session_id}/records", existing))["status"] == "success"
+    other = Device(
+        servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token(tenant.other_user)
+    )
+    async with other:
+        foreign = (
+            await other.request(
+                "sessions/open", tenant.open_payload(sectorId=tenant.extra_sectors[0])
+            )
+        )["data"]["sessionId"]
+    closed = (
+        await device.request("sessions/open", tenant.open_payload(sectorId=tenant.extra_sectors[1]))
+    )["data"]["sessionId"]
+    await device.request(f"sessions/{closed}/close", {})
+    fresh = record(units=3, sessionId=session_id)
+    items: list[Any] = [
+        fresh,  # 0 ok
+        existing,  # 1 duplicated (stored before)
+        dict(fresh),  # 2 duplicated (same bulk)
+        {**record(sessionId=session_id), "workerId": None},  # 3 failed: validation
+        record(sessionId=foreign),  # 4 failed: another user's session
+        record(sessionId="000000000000000000000000"),  # 5 failed: unknown session
+        record(sessionId=closed),  # 6 failed: closed
+        {**existing, "units": 7},  # 7 failed: same key, other content
+        "not an object",  # 8 failed
+        record(),  # 9 failed: no sessionId
+        record(units=4.5, sessionId=session_id),  # 10 ok
+    ]
+    reply = await device.request("records/bulk", {"records": items, "requestId": "bulk-1"})
+    assert reply["status"] == "success", reply
+    assert reply["requestId"] == "bulk-1"
+    results = reply["results"]
+    assert [r["index"] for r in results] == list(range(len(items)))
+    statuses = [r["status"] for r in results]
+    assert statuses == ["ok", "duplicated", "duplicated"] + ["failed"] * 7 + ["ok"]
+    codes = [r.get("error", {}).get("code") for r in results]
+    assert codes[3:10] == [
+        "VALIDATION_ERROR",
+        "FORBIDDEN",
+        "NOT_FOUND",
+        "SESSION_CLOSED",
+        "IDEMPOTENCY_CONFLICT",
+        "VALIDATION_ERROR",
+        "VALIDATION_ERROR",
+    ]
+    assert results[1]["recordId"] != results[0]["recordId"]
+    assert results[2]["recordId"] == results[0]["recordId"]
+    assert results[0]["clientEventId"] == fresh["clientEventId"]
+    assert reply["summary"] == {"ok": 2, "duplicated": 2, "failed": 7}
+    t = await totals(device, session_id)
+    assert t["units"] == 2 + 3 + 4.5
+    assert t["records"] == 3
+    await assert_totals_match_ledger(device, database, session_id)
+
+
+async def test_bulk_of_a_thousand_across_sessions_then_replayed(
+    device: Device, tenant: Tenant, database: str
+) -> None:
+    """1000 buffered counts in one bulk land once; the same bulk again is all duplicates."""
+    sids = []
+    for sector in [tenant.sector_id, *tenant.extra_sectors]:
+        opened = await device.request("sessions/open", tenant.open_payload(sectorId=sector))
+        sids.append(opened["data"]["sessionId"])
+    items = [
+        record(worker=f"W{i % 17:02d}", units=1 + i % 3, sessionId=sids[i % 3]) for i in range(1000)
+    ]
+    first = await device.request("records/bulk", {"records": items}, timeout=60)
+    assert first["summary"] == {"ok": 1000, "duplicated": 0, "failed": 0}
+    again = await device.request("records/bulk", {"records": items}, timeout=60)
+    assert again["summary"] == {"ok": 0, "duplicated": 1000, "failed": 0}
+    assert [r["recordId"] for r in again["results"]] == [r["recordId"] for r in first["results"]]
+    expected = sum(1 + i % 3 for i in range(1000))
+    got = 0.0
+    for sid in sids:
+        await assert_totals_match_ledger(device, database, sid)
+        t = await totals(device, sid)
+        assert t["workers"] == 17
+        got += t["units"]
+    assert got == expected
+
+
+async def test_bulk_over_the_limit_is_refused_whole(
+    device: Device, session_id: str, database: str
+) -> None:
+    """1001 records is one VALIDATION_ERROR naming the limit; nothing is stored."""
+    items = [record(sessionId=session_id) for _ in range(1001)]
+    reply = await device.request("records/bulk", {"records": items})
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "VALIDATION_ERROR"
+    assert reply["error"]["details"] == {"limit": 1000, "count": 1001}
+    assert (await ledger(database, session_id))[1] == 0
+
+
+async def test_bulk_needs_a_list_of_records(device: Device) -> None:
+    """A bulk without a records array is refused."""
+    for payload in ({}, {"records": {"a": 1}}, {"records": "x"}, {"records": None}):
+        reply = await device.request("records/bulk", payload)
+        assert reply["error"]["code"] == "VALIDATION_ERROR", payload
+
+
+async def test_void_writes_a_counter_movement_and_moves_totals(
+    servers: Servers, device: Device, session_id: str, database: str
+) -> None:
+    """Void: negative counter-movement, original voided, totals net, event, replay idempotent."""
+    keep = await device.request(f"sessions/{session_id}/records", record(worker="A", units=4))
+    gone = await device.request(f"sessions/{session_id}/records", record(worker="B", units=6))
+    rid = gone["data"]["recordId"]
+    async with Watcher(servers, f"{PREFIX}/sessions/{session_id}/events") as ops:
+        void = await device.request(f"records/{rid}/void", {"reason": "Duplicate entry"})
+        assert void["status"] == "success", void
+        data = void["data"]
+        assert data["idempotent"] is False
+        assert data["voidedRecordId"] == rid
+        assert data["payloadPreview"]["units"] == -6
+        assert data["payloadPreview"]["reason"] == "Duplicate entry"
+        event = await ops.wait_for(lambda p: p["type"] == "record.voided")
+    assert event[0]["data"]["recordId"] == rid
+    assert event[0]["data"]["voidRecordId"] == data["recordId"]
+
+    t = await totals(device, session_id)
+    assert t["units"] == 4
+    assert t["records"] == 2
+    assert t["voided"] == 1
+    assert t["workers"] == 1  # B has no record left that is not voided
+    assert t["byWorker"]["B"] == {"units": 0, "records": 1, "voided": 1}
+    assert (await ledger(database, session_id)) == (Decimal(4), 2, 1, 1)
+
+    again = await device.request(f"records/{rid}/void", {"reason": "again"})
+    assert again["data"]["idempotent"] is True
+    assert again["data"]["recordId"] == data["recordId"]
+    assert (await ledger(database, session_id)) == (Decimal(4), 2, 1, 1)
+
+    got = (await device.request(f"records/{rid}/get", {}))["data"]
+    assert got["state"] == "voided"
+    assert got["voidRecordId"] == data["recordId"]
+    kept = (await device.request(f"records/{keep['data']['recordId']}/get", {}))["data"]
+    assert kept["state"] == "inserted"
+    assert kept["units"] == 4
+    counter = (await device.request(f"records/{data['recordId']}/get", {}))["data"]
+    assert counter["kind"] == "void"
+    assert counter["units"] == -6
+
+    of_void = await device.request(f"records/{data['recordId']}/void", {"reason": "x"})
+    assert of_void["error"]["code"] == "VALIDATION_ERROR"
+    await assert_totals_match_ledger(device, database, session_id)
+
+
+async def test_void_refusals(
+    servers: Servers, device: Device, tenant: Tenant, store: PostgresStore, session_id: str
+) -> None:
+    """Reason required; owner only; other company sees nothing; closed session refuses."""
+    rid = (await device.request(f"sessions/{session_id}/records", record()))["data"]["recordId"]
+    for payload in ({}, {"reason": ""}, {"reason": 5}):
+        reply = await device.request(f"records/{rid}/void", payload)
+        assert reply["error"]["code"] == "VALIDATION_ERROR", payload
+    async with Device(
+        servers.mqtt_host, servers.ws_port, PREFIX, token=tenant.token(tenant.other_user)
+    ) as colleague:
+        assert (await colleague.request(f"records/{rid}/void", {"reason": "x"}))["error"][
+            "code"
+        ] == "FORBIDDEN"
+        assert (await colleague.request(f"records/{rid}/get", {}))["error"]["code"] == "FORBIDDEN"
+    stranger = await make_tenant(store)
+    async with Device(
+        servers.mqtt_host, servers.ws_port, PREFIX, token=stranger.token()
+    ) as outsider:
+        assert (await outsider.request(f"records/{rid}/void", {"reason": "x"}))["error"][
+            "code"
+        ] == "NOT_FOUND"
+        assert (await outsider.request(f"records/{rid}/get", {}))["error"]["code"] == "NOT_FOUND"
+    assert (await device.request("records/rec_unknown/void", {"reason": "x"}))["error"][
+        "code"
+    ] == "NOT_FOUND"
+    voided = await device.request(f"sessions/{session_id}/records", record())
+    vid = voided["data"]["recordId"]
+    first = await device.request(f"records/{vid}/void", {"reason": "typo"})
+    await device.request(f"sessions/{session_id}/close", {})
+    closed = await device.request(f"records/{rid}/void", {"reason": "late"})
+    assert closed["error"]["code"] == "SESSION_CLOSED"
+    replay = await device.request(f"records/{vid}/void", {"reason": "typo"})
+    assert replay["data"]["idempotent"] is True
+    assert replay["data"]["recordId"] == first["data"]["recordId"]
+    assert (await device.request(f"records/{rid}/get", {}))["data"]["state"] == "inserted"
+
+
+async def test_check_idempotency_over_mqtt(device: Device, session_id: str) -> None:
+    """The MQTT check answers {key, exists} for client keys and idempotencyKeys."""
+    rec = record(idempotencyKey="mobile-app-key-1")
+    await device.request(f"sessions/{session_id}/records", rec)
+    key = f"client:{session_id}:{rec['workerId']}:{rec['clientEventId']}"
+    for k, exists in [(key, True), ("mobile-app-key-1", True), (key + "x", False), ("nope", False)]:
+        reply = await device.request("records/check-idempotency", {"key": k})
+        assert reply["data"] == {"key": k, "exists": exists}
+    bad = await device.request("records/check-idempotency", {})
+    assert bad["error"]["code"] == "VALIDATION_ERROR"
+
+
+async def test_dead_letters_keep_refusals_and_the_cli_lists_them(
+    device: Device, session_id: str, database: str
+) -> None:
+    """Refused requests and failed bulk items are in the dead-letter table, with the CLI."""
+    marker = f"dl-{os.getpid()}-{id(device)}"
+    await device.request(f"sessions/{session_id}/records", b"{" + marker.encode())
+    bulk = await device.request(
+        "records/bulk", {"records": [{"sessionId": session_id, "workerId": marker}]}
+    )
+    assert bulk["summary"]["failed"] == 1
+    env = {**os.environ, "GATEWAY_DATABASE_URL": database, "GATEWAY_JWT_SECRET": JWT_SECRET}
+    rows: list[dict[str, Any]] = []
+    for _ in range(100):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "dead-letters",
+            "--since",
+            "10m",
+            "--json",
+            "--reason",
+            "VALIDATION_ERROR",
+            "--limit",
+            "1000",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0
+        rows = [orjson.loads(line) for line in stdout.splitlines()]
+        rows = [r for r in rows if marker in r["payload"]]
+        if len(rows) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(rows) == 2
+    topics = {r["topic"] for r in rows}
+    assert topics == {f"{PREFIX}/sessions/{session_id}/records", f"{PREFIX}/records/bulk"}
+    assert all(r["reason"] == "VALIDATION_ERROR" for r in rows)

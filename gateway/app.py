@@ -170,7 +170,14 @@ class Gateway:
         self.metrics.gauge("gateway_backlog", lambda: pipeline.backlog)
         self.metrics.gauge("gateway_unacked", lambda: pipeline.unacked)
         self.metrics.gauge("gateway_unconfirmed_publishes", lambda: link.unconfirmed_publishes)
-        sidecar = HttpSidecar(service, self.verifier, self.metrics, ready=self.ready)
+        sidecar = HttpSidecar(
+            service,
+            self.verifier,
+            self.metrics,
+            ready=self.ready,
+            max_payload_bytes=s.max_payload_bytes,
+            max_json_depth=s.max_json_depth,
+        )
         runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
         log.info("http sidecar on %s:%d", s.http_host, self.http_port)
         self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)

@@ -25,12 +25,14 @@ from gateway.core.events import (
 from gateway.core.idempotency import RecordContent, resolve_existing, split_client_key
 from gateway.core.models import (
     Bonus,
+    BulkRecords,
     CreateRecord,
     ExtendSession,
     OpenSession,
     UpdateSession,
     VoidRecord,
     number_out,
+    validate,
 )
 from gateway.core.rules import Limits, Principal, SessionFacts
 from gateway.core.views import (
@@ -51,6 +53,7 @@ from gateway.errors import (
     RequestError,
     SessionAlreadyOpen,
     SessionExpired,
+    error_body,
 )
 from gateway.store.postgres import NewRecord, NewSession, PostgresStore, SessionTx
 
@@ -97,6 +100,69 @@ class RecordAccepted:
 RecordOutcome = RecordAccepted | RequestError
 
 
+class Bulk:
+    """One bulk (offline sync): its items' requests and, as outcomes arrive, their results."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.requests: list[tuple[int, RecordRequest]] = []
+        self.results: list[dict[str, Any]] = []
+        for i, item in enumerate(items):
+            event_id = item.get("clientEventId") if isinstance(item, dict) else None
+            self.results.append(
+                {"index": i, "clientEventId": event_id if isinstance(event_id, str) else None}
+            )
+
+    @classmethod
+    def prepare(cls, who: Principal, data: object, arrival: datetime, limit: int) -> Bulk:
+        """Validate the bulk (refused whole over ``limit``) and each item on its own."""
+        cmd = validate(BulkRecords, data)
+        if len(cmd.records) > limit:
+            raise InvalidRequest(
+                f"a bulk holds at most {limit} records (GATEWAY_MAX_BULK); this one has "
+                f"{len(cmd.records)}: split it",
+                {"limit": limit, "count": len(cmd.records)},
+            )
+        bulk = cls(cmd.records)
+        for i, item in enumerate(cmd.records):
+            try:
+                if not isinstance(item, dict):
+                    raise InvalidRequest(f"records[{i}] must be a JSON object")
+                rec = validate(CreateRecord, item, prefix=f"records[{i}].")
+                if rec.sessionId is None:
+                    raise InvalidRequest(
+                        f"records[{i}].sessionId is required in a bulk",
+                        {"fields": [{"field": f"records[{i}].sessionId", "message": "required"}]},
+                    )
+            except RequestError as exc:
+                bulk.settle(i, exc)
+                continue
+            bulk.requests.append((i, RecordRequest(who, rec, rec.sessionId, arrival)))
+        return bulk
+
+    def settle(self, i: int, outcome: RecordOutcome) -> None:
+        result = self.results[i]
+        if isinstance(outcome, RequestError):
+            result["status"] = "failed"
+            result["error"] = error_body(outcome)
+        else:
+            result["status"] = "duplicated" if outcome.idempotent else "ok"
+            result["recordId"] = outcome.record.record_id
+
+    def sink(self, i: int) -> Callable[[RecordOutcome], None]:
+        return lambda outcome: self.settle(i, outcome)
+
+    def body(self) -> dict[str, Any]:
+        """``{"status", "results", "summary"}`` as SPEC §4 gives it."""
+        summary = {"ok": 0, "duplicated": 0, "failed": 0}
+        for result in self.results:
+            result.setdefault("status", "failed")
+            if result["status"] == "failed" and "error" not in result:
+                result["error"] = error_body(RuntimeError("no outcome"))
+            summary[result["status"]] += 1
+        return {"status": "success", "results": self.results, "summary": summary}
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -107,7 +173,6 @@ class Service:
     def __init__(self, store: PostgresStore, limits: Limits) -> None:
         self.store = store
         self.limits = limits
-        self._companies: dict[str, str] = {}
         # called when a request finds an open session past its deadline (wakes the sweeper)
         self.on_expired_seen: Callable[[], None] = lambda: None
 
@@ -117,13 +182,11 @@ class Service:
         self, asks: Sequence[tuple[Claims, str | None]]
     ) -> list[Principal | RequestError]:
         """The principal of each (verified claims, payload auth0Id); companies in one query."""
-        missing = {c.sub for c, _ in asks if c.sub not in self._companies}
-        if missing:
-            found = await self.store.companies_of(sorted(missing))
-            self._companies.update(found)
+        # Not cached: the users table is the truth, and one query per batch is cheap.
+        companies = await self.store.companies_of(sorted({c.sub for c, _ in asks}))
         out: list[Principal | RequestError] = []
         for claims, auth0_id in asks:
-            company = self._companies.get(claims.sub)
+            company = companies.get(claims.sub)
             if auth0_id is not None and auth0_id != claims.sub:
                 out.append(Forbidden("auth0Id in the payload differs from the token's subject"))
             elif company is None:
@@ -464,6 +527,14 @@ class Service:
                 expired = await tx.session_tx.expire()
                 await tx.session_tx.emit(expiry_events([expired], arrival))
         raise refusal
+
+    async def bulk_records(self, who: Principal, data: object, arrival: datetime) -> Bulk:
+        """A whole bulk on its own (the REST mirror; MQTT merges bulks into its batches)."""
+        bulk = Bulk.prepare(who, data, arrival, self.limits.max_bulk)
+        outcomes = await self.create_records([rr for _, rr in bulk.requests])
+        for (i, _), outcome in zip(bulk.requests, outcomes, strict=True):
+            bulk.settle(i, outcome)
+        return bulk
 
     async def get_record(self, who: Principal, record_id: str) -> dict[str, Any]:
         record = await self.store.record(record_id)

@@ -263,3 +263,12 @@ def validate(model: type[M], data: object, prefix: str = "") -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, prefix) from None
+
+
+def same_id(given: str | None, topic_id: str, name: str) -> None:
+    """An id repeated in the payload must be the one the topic (or path) names."""
+    if given is not None and given != topic_id:
+        raise InvalidRequest(
+            f"{name} {given} does not match the topic's {topic_id}",
+            {"fields": [{"field": name, "message": "must match the topic"}]},
+        )

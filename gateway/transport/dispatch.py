@@ -18,7 +18,6 @@ import orjson
 
 from gateway.core.auth import Claims, TokenVerifier
 from gateway.core.models import (
-    BulkRecords,
     CheckIdempotency,
     CreateRecord,
     Envelope,
@@ -29,6 +28,7 @@ from gateway.core.models import (
     UpdateSession,
     VoidRecord,
     decode_object,
+    same_id,
     take_envelope,
     validate,
 )
@@ -41,7 +41,7 @@ from gateway.errors import (
     as_request_error,
     error_body,
 )
-from gateway.service import RecordOutcome, RecordRequest, Service
+from gateway.service import Bulk, RecordOutcome, RecordRequest, Service
 from gateway.transport.mqtt import Inbound
 
 log = logging.getLogger(__name__)
@@ -96,40 +96,6 @@ def _single_sink(r: _Request) -> Sink:
     return settle
 
 
-class _Bulk:
-    """The per-record results of one bulk, filled as outcomes arrive."""
-
-    def __init__(self, items: list[Any]) -> None:
-        self.items = items
-        self.results: list[dict[str, Any]] = []
-        for i, item in enumerate(items):
-            event_id = item.get("clientEventId") if isinstance(item, dict) else None
-            self.results.append(
-                {"index": i, "clientEventId": event_id if isinstance(event_id, str) else None}
-            )
-
-    def settle(self, i: int, outcome: RecordOutcome) -> None:
-        result = self.results[i]
-        if isinstance(outcome, RequestError):
-            result["status"] = "failed"
-            result["error"] = error_body(outcome)
-        else:
-            result["status"] = "duplicated" if outcome.idempotent else "ok"
-            result["recordId"] = outcome.record.record_id
-
-    def sink(self, i: int) -> Sink:
-        return lambda outcome: self.settle(i, outcome)
-
-    def body(self) -> dict[str, Any]:
-        summary = {"ok": 0, "duplicated": 0, "failed": 0}
-        for result in self.results:
-            result.setdefault("status", "failed")
-            if result["status"] == "failed" and "error" not in result:
-                result["error"] = error_body(RuntimeError("no outcome"))
-            summary[result["status"]] += 1
-        return {"status": "success", "results": self.results, "summary": summary}
-
-
 class Dispatcher:
     """Turns a batch of inbound requests into replies (and refusals for the dead-letter table)."""
 
@@ -168,7 +134,7 @@ class Dispatcher:
         reqs = [self._prepare(m) for m in batch]
         await self._resolve_principals(reqs)
         records: list[tuple[Sink, RecordRequest]] = []
-        bulks: list[tuple[_Request, _Bulk]] = []
+        bulks: list[tuple[_Request, Bulk]] = []
         others: list[_Request] = []
         for r in reqs:
             if not r.open:
@@ -255,37 +221,14 @@ class Dispatcher:
         cmd = validate(CreateRecord, r.data)
         return RecordRequest(r.who, cmd, r.route.session_id, r.msg.received_at)
 
-    def _bulk(self, r: _Request, records: list[tuple[Sink, RecordRequest]]) -> _Bulk:
-        """Validate a bulk's envelope and each item; valid items join the batch's records."""
+    def _bulk(self, r: _Request, records: list[tuple[Sink, RecordRequest]]) -> Bulk:
+        """Validate a bulk and its items; valid items join the batch's records."""
         assert r.who is not None
-        cmd = validate(BulkRecords, r.data)
-        limit = self.service.limits.max_bulk
-        if len(cmd.records) > limit:
-            raise InvalidRequest(
-                f"a bulk holds at most {limit} records (GATEWAY_MAX_BULK); this one has "
-                f"{len(cmd.records)}: split it",
-                {"limit": limit, "count": len(cmd.records)},
-            )
-        bulk = _Bulk(cmd.records)
-        for i, item in enumerate(cmd.records):
-            try:
-                if not isinstance(item, dict):
-                    raise InvalidRequest(f"records[{i}] must be a JSON object")
-                rec = validate(CreateRecord, item, prefix=f"records[{i}].")
-                if rec.sessionId is None:
-                    raise InvalidRequest(
-                        f"records[{i}].sessionId is required in a bulk",
-                        {"fields": [{"field": f"records[{i}].sessionId", "message": "required"}]},
-                    )
-            except RequestError as exc:
-                bulk.settle(i, exc)
-                continue
-            records.append(
-                (bulk.sink(i), RecordRequest(r.who, rec, rec.sessionId, r.msg.received_at))
-            )
+        bulk = Bulk.prepare(r.who, r.data, r.msg.received_at, self.service.limits.max_bulk)
+        records.extend((bulk.sink(i), rr) for i, rr in bulk.requests)
         return bulk
 
-    def _refuse_items(self, r: _Request, bulk: _Bulk) -> None:
+    def _refuse_items(self, r: _Request, bulk: Bulk) -> None:
         """Each failed item of a bulk goes to the dead-letter table on its own."""
         if self._on_refused is None:
             return
@@ -358,35 +301,35 @@ class Dispatcher:
     async def _get_session(self, r: _Request) -> dict[str, Any]:
         assert r.who is not None and r.route is not None and r.route.session_id is not None
         cmd = validate(SessionCommand, r.data)
-        _same_id(cmd.sessionId, r.route.session_id, "sessionId")
+        same_id(cmd.sessionId, r.route.session_id, "sessionId")
         data = await self.service.get_session(r.who, r.route.session_id)
         return {"status": "success", "data": data}
 
     async def _update_session(self, r: _Request) -> dict[str, Any]:
         who, session_id = _session_target(r)
         cmd = validate(UpdateSession, r.data)
-        _same_id(cmd.sessionId, session_id, "sessionId")
+        same_id(cmd.sessionId, session_id, "sessionId")
         data = await self.service.update_session(who, session_id, cmd, r.msg.received_at)
         return {"status": "success", "data": data}
 
     async def _close_session(self, r: _Request) -> dict[str, Any]:
         who, session_id = _session_target(r)
         cmd = validate(SessionCommand, r.data)
-        _same_id(cmd.sessionId, session_id, "sessionId")
+        same_id(cmd.sessionId, session_id, "sessionId")
         data = await self.service.close_session(who, session_id, r.msg.received_at)
         return {"status": "success", "data": data}
 
     async def _extend_session(self, r: _Request) -> dict[str, Any]:
         who, session_id = _session_target(r)
         cmd = validate(ExtendSession, r.data)
-        _same_id(cmd.sessionId, session_id, "sessionId")
+        same_id(cmd.sessionId, session_id, "sessionId")
         data = await self.service.extend_session(who, session_id, cmd, r.msg.received_at)
         return {"status": "success", "data": data}
 
     async def _get_record(self, r: _Request) -> dict[str, Any]:
         assert r.who is not None and r.route is not None and r.route.record_id is not None
         cmd = validate(RecordCommand, r.data)
-        _same_id(cmd.recordId, r.route.record_id, "recordId")
+        same_id(cmd.recordId, r.route.record_id, "recordId")
         data = await self.service.get_record(r.who, r.route.record_id)
         return {"status": "success", "data": data}
 
@@ -406,14 +349,6 @@ class Dispatcher:
 def _session_target(r: _Request) -> tuple[Principal, str]:
     assert r.who is not None and r.route is not None and r.route.session_id is not None
     return r.who, r.route.session_id
-
-
-def _same_id(given: str | None, topic_id: str, name: str) -> None:
-    if given is not None and given != topic_id:
-        raise InvalidRequest(
-            f"{name} {given} does not match the topic's {topic_id}",
-            {"fields": [{"field": name, "message": "must match the topic"}]},
-        )
 
 
 def _sub(r: _Request) -> str | None:

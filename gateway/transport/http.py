@@ -1,21 +1,37 @@
-"""The HTTP sidecar: the HEAD idempotency check, health, readiness and metrics.
+"""The HTTP sidecar: the HEAD idempotency check, health, readiness, metrics and the REST mirror
+of the seeds' endpoints under ``/api/control/production``.
 
-Backed by the same ``Service`` as MQTT; errors map to HTTP statuses through the error tree.
+Backed by the same ``Service`` as MQTT; errors map to HTTP statuses through the error tree
+(``StoreUnavailable`` is the REST mirror's 503 ``UNAVAILABLE``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from gateway.core.auth import TokenVerifier
+from gateway.core.models import (
+    CreateRecord,
+    ExtendSession,
+    OpenSession,
+    SessionCommand,
+    UpdateSession,
+    VoidRecord,
+    decode_object,
+    same_id,
+    take_envelope,
+    validate,
+)
 from gateway.core.rules import Principal
 from gateway.errors import (
     InvalidRequest,
+    PayloadTooLarge,
     RequestError,
     StoreUnavailable,
     Unavailable,
@@ -23,13 +39,17 @@ from gateway.errors import (
     error_body,
 )
 from gateway.metrics import Metrics
-from gateway.service import Service
+from gateway.service import RecordRequest, Service
 
 log = logging.getLogger(__name__)
 
 API = "/api/control/production"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
@@ -55,22 +75,42 @@ class HttpSidecar:
         metrics: Metrics,
         *,
         ready: Callable[[], dict[str, bool]],
+        max_payload_bytes: int = 262_144,
+        max_json_depth: int = 16,
     ) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self.max_json_depth = max_json_depth
         self.service = service
         self.verifier = verifier
         self.metrics = metrics
         self._ready = ready
-        self.app = web.Application(middlewares=[self._errors], client_max_size=1024**2)
+        self.app = web.Application(
+            middlewares=[self._errors], client_max_size=max_payload_bytes + 1
+        )
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.render_metrics)
+        r = self.app.router
         # add_get also answers HEAD
-        self.app.router.add_get(f"{API}/records/check-idempotency", self.check_idempotency)
+        r.add_get(f"{API}/records/check-idempotency", self.check_idempotency)
+        r.add_post(f"{API}/sessions", self.open_session)
+        r.add_get(f"{API}/sessions/{{session_id}}", self.get_session)
+        r.add_patch(f"{API}/sessions/{{session_id}}", self.update_session)
+        r.add_post(f"{API}/sessions/{{session_id}}/close", self.close_session)
+        r.add_post(f"{API}/sessions/{{session_id}}/extend", self.extend_session)
+        r.add_post(f"{API}/records", self.create_record)
+        r.add_post(f"{API}/records/bulk", self.bulk_records)
+        r.add_get(f"{API}/records/{{record_id}}", self.get_record)
+        r.add_post(f"{API}/records/{{record_id}}/void", self.void_record)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(
+                PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
+            )
         except web.HTTPException:
             raise
         except (RequestError, StoreUnavailable) as exc:
@@ -79,9 +119,92 @@ class HttpSidecar:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return error_response(exc)
 
-    async def principal(self, request: web.Request) -> Principal:
+    async def principal(self, request: web.Request, auth0_id: str | None = None) -> Principal:
         claims = self.verifier.verify(request.headers.get("Authorization"))
-        return await self.service.principal(claims)
+        return await self.service.principal(claims, auth0_id)
+
+    async def body(self, request: web.Request) -> tuple[dict[str, Any], Principal]:
+        """The JSON object body (envelope fields set aside) and the caller."""
+        raw = await request.read()
+        data = decode_object(
+            raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
+        )
+        envelope = take_envelope(data)
+        envelope.check()
+        return data, await self.principal(request, envelope.auth0_id)
+
+    # the REST mirror ----------------------------------------------------------------------
+
+    async def open_session(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        session = await self.service.open_session(who, validate(OpenSession, data), _now())
+        return json_response(
+            {"status": "success", "data": session}, 200 if session["idempotent"] else 201
+        )
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        who = await self.principal(request)
+        data = await self.service.get_session(who, request.match_info["session_id"])
+        return json_response({"status": "success", "data": data})
+
+    async def update_session(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        session_id = request.match_info["session_id"]
+        cmd = validate(UpdateSession, data)
+        same_id(cmd.sessionId, session_id, "sessionId")
+        out = await self.service.update_session(who, session_id, cmd, _now())
+        return json_response({"status": "success", "data": out})
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        session_id = request.match_info["session_id"]
+        same_id(validate(SessionCommand, data).sessionId, session_id, "sessionId")
+        out = await self.service.close_session(who, session_id, _now())
+        return json_response({"status": "success", "data": out})
+
+    async def extend_session(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        session_id = request.match_info["session_id"]
+        cmd = validate(ExtendSession, data)
+        same_id(cmd.sessionId, session_id, "sessionId")
+        out = await self.service.extend_session(who, session_id, cmd, _now())
+        return json_response({"status": "success", "data": out})
+
+    async def create_record(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        cmd = validate(CreateRecord, data)
+        if cmd.sessionId is None:
+            raise InvalidRequest(
+                "sessionId is required",
+                {"fields": [{"field": "sessionId", "message": "required"}]},
+            )
+        (outcome,) = await self.service.create_records(
+            [RecordRequest(who, cmd, cmd.sessionId, _now())]
+        )
+        if isinstance(outcome, RequestError):
+            raise outcome
+        body = {"status": "success", "data": outcome.data(), "clientEventId": cmd.clientEventId}
+        if outcome.idempotent:
+            return json_response(body, 200, **{"X-Idempotent-Replay": "true"})
+        return json_response(body, 201)
+
+    async def bulk_records(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        bulk = await self.service.bulk_records(who, data, _now())
+        return json_response(bulk.body(), 207)
+
+    async def get_record(self, request: web.Request) -> web.Response:
+        who = await self.principal(request)
+        data = await self.service.get_record(who, request.match_info["record_id"])
+        return json_response({"status": "success", "data": data})
+
+    async def void_record(self, request: web.Request) -> web.Response:
+        data, who = await self.body(request)
+        out = await self.service.void_record(
+            who, request.match_info["record_id"], validate(VoidRecord, data), _now()
+        )
+        headers = {"X-Idempotent-Replay": "true"} if out["idempotent"] else {}
+        return json_response({"status": "success", "data": out}, 200, **headers)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response({"status": "ok"})

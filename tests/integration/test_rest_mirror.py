@@ -1,0 +1,133 @@
+"""The REST mirror of the seeds' endpoints: same service, HTTP statuses from the error codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.app import Gateway
+from tests.support.tenants import Tenant, record
+
+API = "/api/control/production"
+
+
+class Rest:
+    def __init__(self, http: aiohttp.ClientSession, base: str, token: str) -> None:
+        self.http = http
+        self.base = base
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None
+    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        kwargs: dict[str, Any] = {"headers": self.headers}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.http.request(method, f"{self.base}{API}{path}", **kwargs) as resp:
+            payload = await resp.json() if resp.content_type == "application/json" else {}
+            return resp.status, payload, dict(resp.headers)
+
+
+@pytest.fixture
+async def rest(gateway: Gateway, tenant: Tenant) -> AsyncIterator[Rest]:
+    async with aiohttp.ClientSession() as http:
+        yield Rest(http, f"http://127.0.0.1:{gateway.http_port}", tenant.token())
+
+
+async def test_rest_session_and_record_flow(rest: Rest, tenant: Tenant) -> None:
+    """POST /sessions, POST /records (twice), GET, PATCH, extend, void, bulk, close."""
+    status, opened, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    assert status == 201
+    sid = opened["data"]["sessionId"]
+    status, again, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    assert status == 200
+    assert again["data"]["sessionId"] == sid
+    assert again["data"]["idempotent"] is True
+
+    rec = record(sessionId=sid, units=5, auth0Id=tenant.user)
+    status, created, headers = await rest.call("POST", "/records", rec)
+    assert status == 201
+    assert "X-Idempotent-Replay" not in headers
+    status, replay, headers = await rest.call("POST", "/records", rec)
+    assert status == 200
+    assert headers["X-Idempotent-Replay"] == "true"
+    assert replay["data"]["recordId"] == created["data"]["recordId"]
+    assert replay["data"]["idempotent"] is True
+
+    status, body, _ = await rest.call("PATCH", f"/sessions/{sid}", {"pricePerUnit": 6})
+    assert (status, body["data"]) == (200, {"updated": True})
+    status, body, _ = await rest.call("POST", f"/sessions/{sid}/extend", {"maxDurationHours": 18})
+    assert (status, body["data"]) == (200, {"maxDurationHours": 18})
+    status, body, _ = await rest.call("GET", f"/records/{created['data']['recordId']}")
+    assert body["data"]["state"] == "inserted"
+
+    status, bulk, _ = await rest.call(
+        "POST", "/records/bulk", {"records": [record(sessionId=sid), rec]}
+    )
+    assert status == 207
+    assert bulk["summary"] == {"ok": 1, "duplicated": 1, "failed": 0}
+
+    status, void, _ = await rest.call(
+        "POST", f"/records/{created['data']['recordId']}/void", {"reason": "typo"}
+    )
+    assert status == 200
+    assert void["data"]["payloadPreview"]["units"] == -5
+    status, session, _ = await rest.call("GET", f"/sessions/{sid}")
+    assert session["data"]["totals"]["units"] == 5
+    assert session["data"]["totals"]["voided"] == 1
+
+    status, closed, _ = await rest.call("POST", f"/sessions/{sid}/close", {})
+    assert status == 200
+    assert closed["data"]["status"] == "closed"
+    status, late, _ = await rest.call("POST", "/records", record(sessionId=sid))
+    assert status == 409
+    assert late["error"]["code"] == "SESSION_CLOSED"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "raw", "status", "code"),
+    [
+        ("POST", "/sessions", None, b"not json", 400, "VALIDATION_ERROR"),
+        ("POST", "/sessions", None, b"[1, 2]", 400, "VALIDATION_ERROR"),
+        ("POST", "/sessions", {"projectId": "proj_nope"}, None, 404, "NOT_FOUND"),
+        ("GET", "/sessions/000000000000000000000000", None, None, 404, "NOT_FOUND"),
+        ("POST", "/records", {"workerId": "x"}, None, 400, "VALIDATION_ERROR"),
+        (
+            "POST",
+            "/records",
+            None,
+            b"{" + b'"a":' * 1 + b"1" + b" " * 300_000 + b"}",
+            413,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        ("GET", "/records/rec_nope", None, None, 404, "NOT_FOUND"),
+    ],
+)
+async def test_rest_errors_map_to_statuses(
+    rest: Rest, method: str, path: str, body: Any, raw: bytes | None, status: int, code: str
+) -> None:
+    """Each error code has its HTTP status (SPEC §4)."""
+    got, payload, _ = await rest.call(method, path, body, raw=raw)
+    assert got == status, payload
+    assert payload["error"]["code"] == code
+
+
+async def test_rest_needs_a_valid_token(gateway: Gateway, tenant: Tenant) -> None:
+    """No token, a forged token: 401; the payload's auth0Id must match the token: 403."""
+    async with aiohttp.ClientSession() as http:
+        base = f"http://127.0.0.1:{gateway.http_port}{API}"
+        async with http.post(f"{base}/sessions", json=tenant.open_payload()) as resp:
+            assert resp.status == 401
+        forged = Rest(http, f"http://127.0.0.1:{gateway.http_port}", tenant.token() + "x")
+        assert (await forged.call("POST", "/sessions", tenant.open_payload()))[0] == 401
+        good = Rest(http, f"http://127.0.0.1:{gateway.http_port}", tenant.token())
+        status, body, _ = await good.call(
+            "POST", "/sessions", tenant.open_payload(auth0Id="someone_else")
+        )
+        assert status == 403
+        assert body["error"]["code"] == "FORBIDDEN"

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gateway.core.models import Bonus, Id, Name, validation_error
 from gateway.core.rules import zone
@@ -58,18 +58,15 @@ class SeedFile(_Seed):
     users: list[SeedUser] = []
     projects: list[SeedProject] = []
 
-    @model_validator(mode="after")
-    def _references(self) -> SeedFile:
+    def company_references(self) -> dict[str, str]:
+        """Companies named by users and projects but not defined in this file (what -> company).
+
+        They must already exist in the database; the store checks.
+        """
         known = {c.companyId for c in self.companies}
-        for user in self.users:
-            if user.companyId not in known:
-                raise ValueError(f"user {user.auth0Id} names unknown company {user.companyId}")
-        for project in self.projects:
-            if project.companyId not in known:
-                raise ValueError(
-                    f"project {project.projectId} names unknown company {project.companyId}"
-                )
-        return self
+        refs = {f"user {u.auth0Id}": u.companyId for u in self.users}
+        refs |= {f"project {p.projectId}": p.companyId for p in self.projects}
+        return {what: company for what, company in refs.items() if company not in known}
 
 
 def parse_seed(text: str, *, name: str = "seed") -> SeedFile:

@@ -24,7 +24,7 @@ from gateway.core.events import SessionEvent
 from gateway.core.rules import SessionFacts
 from gateway.core.seedfile import SeedFile
 from gateway.core.views import Record, Session, Totals, WorkerTotals
-from gateway.errors import StoreUnavailable
+from gateway.errors import InvalidRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -681,6 +681,21 @@ class PostgresStore:
     async def seed(self, seed: SeedFile) -> dict[str, int]:
         """Upsert companies, users, projects, sectors; loading a file twice changes nothing."""
         async with self._conn() as conn, conn.transaction():
+            outside = seed.company_references()
+            if outside:
+                present = await conn.fetch(
+                    "SELECT company_id FROM companies WHERE company_id = ANY($1::text[])",
+                    sorted(set(outside.values())),
+                )
+                found = {r["company_id"] for r in present}
+                missing = {what: c for what, c in outside.items() if c not in found}
+                if missing:
+                    what, company = next(iter(sorted(missing.items())))
+                    raise InvalidRequest(
+                        f"{what} names company {company}, which is neither in the file nor "
+                        "in the database; add it under companies:",
+                        {"missing": sorted(set(missing.values()))},
+                    )
             for c in seed.companies:
                 await conn.execute(
                     """INSERT INTO companies (company_id, name) VALUES ($1, $2)

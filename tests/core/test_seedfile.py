@@ -110,10 +110,6 @@ def with_changes(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("path", "value", "named"),
     [
-        pytest.param(("users", 0, "companyId"), "comp_missing", "comp_missing", id="user-company"),
-        pytest.param(
-            ("projects", 0, "companyId"), "comp_missing", "comp_missing", id="project-company"
-        ),
         pytest.param(("projects", 0, "timezone"), "Mars/Olympus", "Mars/Olympus", id="bad-tz"),
         pytest.param(("projects", 0, "timezone"), "America", "America", id="tz-folder"),
         pytest.param(("projects", 0, "timezone"), "", "timezone", id="empty-tz"),
@@ -132,11 +128,30 @@ def with_changes(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
 def test_refusals_name_the_problem(
     path: tuple[Any, ...], value: Any, named: str, name: str
 ) -> None:
-    """Unknown company references, bad timezones and extra fields are InvalidRequest naming them."""
+    """Bad timezones, bad values and extra fields are InvalidRequest naming them."""
     with pytest.raises(InvalidRequest) as info:
         parse_seed(json.dumps(with_changes(path, value)), name=name)
     assert named in info.value.message
     assert name in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("path", "what"),
+    [
+        (("users", 0, "companyId"), "user user_123456789"),
+        (("projects", 0, "companyId"), "project proj_123"),
+    ],
+)
+def test_companies_outside_the_file_are_reported_for_the_store(
+    path: tuple[Any, ...], what: str
+) -> None:
+    """A reference to a company not in the file is left for the database to confirm."""
+    seed = parse_seed(json.dumps(with_changes(path, "comp_elsewhere")), name="seed.json")
+    assert seed.company_references() == {what: "comp_elsewhere"}
+    assert (
+        parse_seed(json.dumps(with_changes(path, "comp_12345")), name="s.json").company_references()
+        == {}
+    )
 
 
 @pytest.mark.parametrize(

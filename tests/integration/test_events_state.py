@@ -53,9 +53,7 @@ class Watcher:
 
     def payloads(self, topic: str | None = None) -> list[dict[str, Any]]:
         return [
-            orjson.loads(m.payload)
-            for m in self.messages
-            if topic is None or str(m.topic) == topic
+            orjson.loads(m.payload) for m in self.messages if topic is None or str(m.topic) == topic
         ]
 
     async def wait_for(self, predicate: Any, timeout: float = 10) -> list[dict[str, Any]]:

@@ -1,0 +1,238 @@
+"""The ``gateway`` command (SPEC §6) run as a subprocess: migrate, seed, token, run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+
+from tests.support.extra_helpers import clean_env, fetch, fresh_database, run_cli
+from tests.support.servers import Servers
+from tests.support.tenants import JWT_SECRET
+
+MIGRATIONS = sorted((Path(__file__).resolve().parents[2] / "migrations").glob("*.sql"))
+
+SEED_YAML = """\
+companies:
+  - {companyId: comp_12345, name: Demo Farms}
+users:
+  - {auth0Id: user_123456789, companyId: comp_12345}
+projects:
+  - projectId: proj_123
+    companyId: comp_12345
+    name: Berries 2025
+    timezone: America/Mexico_City      # IANA name
+    samplingUnit: box                  # defaults for sessions of this project
+    pricePerUnit: 5.5
+    bonus: {type: percent, value: 10, note: High quality bonus}
+    maxDurationHours: 12
+    sectors:
+      - {sectorId: sector_001, sector_name: Lote A-1}
+"""
+
+SEED_JSON: dict[str, Any] = {
+    "companies": [{"companyId": "comp_12345", "name": "Demo Farms"}],
+    "users": [{"auth0Id": "user_123456789", "companyId": "comp_12345"}],
+    "projects": [
+        {
+            "projectId": "proj_123",
+            "companyId": "comp_12345",
+            "name": "Berries 2025",
+            "timezone": "America/Mexico_City",
+            "samplingUnit": "box",
+            "pricePerUnit": 5.5,
+            "bonus": {"type": "percent", "value": 10, "note": "High quality bonus"},
+            "maxDurationHours": 12,
+            "sectors": [{"sectorId": "sector_001", "sector_name": "Lote A-1"}],
+        }
+    ],
+}
+
+TABLES = ("companies", "users", "projects", "sectors")
+
+
+@pytest.fixture
+async def fresh(servers: Servers) -> AsyncIterator[str]:
+    """A new, empty database (no schema)."""
+    async with fresh_database(servers) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+async def migrated(servers: Servers) -> AsyncIterator[str]:
+    """A new database migrated by ``gateway migrate``."""
+    async with fresh_database(servers) as dsn:
+        done = await run_cli("migrate", env=clean_env(GATEWAY_DATABASE_URL=dsn))
+        assert done.returncode == 0, done
+        yield dsn
+
+
+async def applied_versions(dsn: str) -> list[int]:
+    rows = await fetch(dsn, "SELECT version FROM schema_migrations ORDER BY version")
+    return [int(r["version"]) for r in rows]
+
+
+async def table_state(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row (with its xmin, so a rewrite shows) of the seeded tables."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for table in TABLES:
+        rows = await fetch(dsn, f"SELECT xmin::text AS xmin, * FROM {table} ORDER BY 2, 3")
+        out[table] = [tuple(r.values()) for r in rows]
+    return out
+
+
+async def test_migrate_applies_once(fresh: str) -> None:
+    """``migrate`` on a fresh database applies every migration; a second run applies nothing."""
+    env = clean_env(GATEWAY_DATABASE_URL=fresh)
+    first = await run_cli("migrate", env=env)
+    assert first.returncode == 0, first
+    assert f"applied {len(MIGRATIONS)} migration" in first.stdout, first
+    versions = await applied_versions(fresh)
+    assert versions == [int(p.name[:3]) for p in MIGRATIONS]
+    assert versions[0] == 1
+    tables = await fetch(
+        fresh,
+        "SELECT count(*) AS n FROM information_schema.tables WHERE table_name = ANY($1::text[])",
+        ["production_sessions", "production_records", "dead_letters", *TABLES],
+    )
+    assert tables[0]["n"] == 7
+    second = await run_cli("migrate", env=env)
+    assert second.returncode == 0, second
+    assert "applied 0 migration" in second.stdout
+    assert await applied_versions(fresh) == versions
+
+
+async def test_concurrent_migrate_processes(fresh: str) -> None:
+    """Two ``migrate`` processes at once on a fresh database: both exit 0, each migration once."""
+    env = clean_env(GATEWAY_DATABASE_URL=fresh)
+    results = await asyncio.gather(run_cli("migrate", env=env), run_cli("migrate", env=env))
+    for r in results:
+        assert r.returncode == 0, r
+    applied = sorted(r.stdout for r in results)
+    assert applied.count("applied 0 migration(s)\n") == len(results) - 1, applied
+    rows = await fetch(
+        fresh, "SELECT version, count(*) AS n FROM schema_migrations GROUP BY version"
+    )
+    assert sorted(int(r["version"]) for r in rows) == [int(p.name[:3]) for p in MIGRATIONS]
+    assert all(r["n"] == 1 for r in rows)
+
+
+async def test_seed_yaml_then_json_changes_nothing(migrated: str, tmp_path: Path) -> None:
+    """The SPEC §6 seed in YAML, then the same data as JSON: the second load changes nothing."""
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    yaml_file = tmp_path / "tenants.yaml"
+    yaml_file.write_text(SEED_YAML)
+    first = await run_cli("seed", str(yaml_file), env=env)
+    assert first.returncode == 0, first
+    counts = {t: len(rows) for t, rows in (await table_state(migrated)).items()}
+    assert counts == {"companies": 1, "users": 1, "projects": 1, "sectors": 1}
+    project = (await fetch(migrated, "SELECT * FROM projects WHERE project_id = 'proj_123'"))[0]
+    assert project["company_id"] == "comp_12345"
+    assert project["timezone"] == "America/Mexico_City"
+    assert project["sampling_unit"] == "box"
+    assert float(project["price_per_unit"]) == 5.5
+    assert project["max_duration_hours"] == 12
+    assert json.loads(project["bonus"]) == {
+        "type": "percent",
+        "value": 10,
+        "note": "High quality bonus",
+    }
+    sector = (await fetch(migrated, "SELECT * FROM sectors"))[0]
+    assert (sector["project_id"], sector["sector_id"], sector["sector_name"]) == (
+        "proj_123",
+        "sector_001",
+        "Lote A-1",
+    )
+    before = await table_state(migrated)
+
+    json_file = tmp_path / "tenants.json"
+    json_file.write_text(json.dumps(SEED_JSON))
+    second = await run_cli("seed", str(json_file), env=env)
+    assert second.returncode == 0, second
+    assert await table_state(migrated) == before
+    third = await run_cli("seed", str(yaml_file), env=env)
+    assert third.returncode == 0, third
+    assert await table_state(migrated) == before
+
+
+async def test_seed_with_unknown_company_is_refused(migrated: str, tmp_path: Path) -> None:
+    """A seed naming a company it does not define: exit 2, a clear message, nothing loaded."""
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "companies:\n  - {companyId: comp_1, name: One}\n"
+        "users:\n  - {auth0Id: user_1, companyId: comp_missing}\n"
+    )
+    done = await run_cli("seed", str(bad), env=env)
+    assert done.returncode == 2, done
+    assert "comp_missing" in done.stderr
+    assert "Traceback" not in done.stderr
+    counts = {t: len(rows) for t, rows in (await table_state(migrated)).items()}
+    assert counts == dict.fromkeys(TABLES, 0)
+
+
+async def test_seed_with_missing_or_broken_file_is_refused(migrated: str, tmp_path: Path) -> None:
+    """A missing file or one that is not YAML/JSON: exit 2 with a message naming the file."""
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    missing = await run_cli("seed", str(tmp_path / "nope.yaml"), env=env)
+    assert missing.returncode == 2, missing
+    assert "nope.yaml" in missing.stderr
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    done = await run_cli("seed", str(broken), env=env)
+    assert done.returncode == 2, done
+    assert "broken.json" in done.stderr
+    assert "Traceback" not in done.stderr + missing.stderr
+
+
+async def test_token_mints_a_verifiable_jwt() -> None:
+    """``token --sub user_x --ttl 1h`` prints an HS256 JWT for user_x expiring in an hour."""
+    env = clean_env(GATEWAY_JWT_SECRET=JWT_SECRET)
+    done = await run_cli("token", "--sub", "user_x", "--ttl", "1h", env=env)
+    assert done.returncode == 0, done
+    token = done.stdout.strip()
+    assert token.count(".") == 2
+    assert jwt.get_unverified_header(token)["alg"] == "HS256"
+    claims = jwt.decode(token, JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "user_x"
+    assert abs(claims["exp"] - (time.time() + 3600)) < 120
+    with pytest.raises(jwt.InvalidSignatureError):
+        jwt.decode(token, "x" * 40, algorithms=["HS256"])
+
+
+async def test_token_without_secret_names_the_variable() -> None:
+    """``token`` without GATEWAY_JWT_SECRET: exit 2 and a message naming GATEWAY_JWT_SECRET."""
+    done = await run_cli("token", "--sub", "user_x", env=clean_env())
+    assert done.returncode == 2, done
+    assert "GATEWAY_JWT_SECRET" in done.stderr
+    assert done.stdout.strip() == ""
+    assert "Traceback" not in done.stderr
+
+
+async def test_token_with_bad_ttl_is_refused() -> None:
+    """``token --ttl soon`` is a usage error (exit 2)."""
+    done = await run_cli(
+        "token", "--sub", "user_x", "--ttl", "soon", env=clean_env(GATEWAY_JWT_SECRET=JWT_SECRET)
+    )
+    assert done.returncode == 2, done
+    assert "soon" in done.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1883", "mqtt://", "not a url"])
+async def test_run_with_invalid_mqtt_url_names_the_variable(
+    servers: Servers, database: str, url: str
+) -> None:
+    """``run`` with an invalid GATEWAY_MQTT_URL: exit 2 and a message naming the variable."""
+    env = clean_env(
+        GATEWAY_DATABASE_URL=database, GATEWAY_JWT_SECRET=JWT_SECRET, GATEWAY_MQTT_URL=url
+    )
+    done = await run_cli("run", env=env, timeout=60)
+    assert done.returncode == 2, done
+    assert "GATEWAY_MQTT_URL" in done.stderr
+    assert "Traceback" not in done.stderr

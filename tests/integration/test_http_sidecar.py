@@ -1,0 +1,293 @@
+"""The HTTP sidecar (SPEC §6): health, readiness, metrics and the HEAD idempotency check."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.app import Gateway
+from gateway.devstack import free_port
+from gateway.store.postgres import PostgresStore
+from tests.conftest import gateway_settings, running_gateway
+from tests.support.devices import Device
+from tests.support.servers import Servers
+from tests.support.tenants import Tenant, make_tenant, record
+
+CHECK = "/api/control/production/records/check-idempotency"
+TIMEOUT = aiohttp.ClientTimeout(total=15)
+
+
+@pytest.fixture
+async def http(gateway: Gateway) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    assert gateway.http_port
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        yield session, f"http://127.0.0.1:{gateway.http_port}"
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def check_url(base: str, key: str) -> URL:
+    """The check URL with the key percent-encoded as in the seeds' curl example (%3A)."""
+    return URL(f"{base}{CHECK}?key={quote(key, safe='')}", encoded=True)
+
+
+async def stored_record(device: Device, session_id: str, **fields: Any) -> dict[str, Any]:
+    rec = record(**fields)
+    reply = await device.request(f"sessions/{session_id}/records", rec)
+    assert reply["status"] == "success", reply
+    return rec
+
+
+async def test_healthz(http: tuple[aiohttp.ClientSession, str]) -> None:
+    """GET /healthz answers 200 while the process is alive."""
+    session, base = http
+    async with session.get(f"{base}/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_readyz_reports_database_and_broker(http: tuple[aiohttp.ClientSession, str]) -> None:
+    """GET /readyz answers 200 with checks database and broker true."""
+    session, base = http
+    async with session.get(f"{base}/readyz") as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["checks"]["database"] is True
+    assert body["checks"]["broker"] is True
+
+
+async def test_check_idempotency_finds_a_stored_client_key(
+    http: tuple[aiohttp.ClientSession, str], device: Device, tenant: Tenant, session_id: str
+) -> None:
+    """HEAD and GET with client:{sessionId}:{workerId}:{clientEventId}: 404 before, 200 after."""
+    session, base = http
+    rec = record()
+    key = f"client:{session_id}:{rec['workerId']}:{rec['clientEventId']}"
+    auth = bearer(tenant.token())
+    async with session.head(check_url(base, key), headers=auth) as resp:
+        assert resp.status == 404
+    reply = await device.request(f"sessions/{session_id}/records", rec)
+    assert reply["status"] == "success", reply
+    async with session.head(check_url(base, key), headers=auth) as resp:
+        assert resp.status == 200
+        assert await resp.read() == b""
+    async with session.get(check_url(base, key), headers=auth) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["data"] == {"key": key, "exists": True}
+    # the key unencoded, as a person types it into curl, is the same key
+    async with session.head(f"{base}{CHECK}", params={"key": key}, headers=auth) as resp:
+        assert resp.status == 200
+
+
+async def test_check_idempotency_unknown_key_is_404(
+    http: tuple[aiohttp.ClientSession, str], device: Device, tenant: Tenant, session_id: str
+) -> None:
+    """Keys that name nothing stored answer 404, to HEAD and GET."""
+    session, base = http
+    rec = await stored_record(device, session_id)
+    auth = bearer(tenant.token())
+    unknown = [
+        f"client:{session_id}:{rec['workerId']}:evt_never_sent",
+        f"client:{session_id}:OTHER:{rec['clientEventId']}",
+        f"client:nosuchsession:{rec['workerId']}:{rec['clientEventId']}",
+        f"client:{session_id}:{rec['workerId']}",
+        rec["clientEventId"],
+        "mobile-app-key-never-used",
+    ]
+    for key in unknown:
+        async with session.head(check_url(base, key), headers=auth) as resp:
+            assert resp.status == 404, key
+        async with session.get(check_url(base, key), headers=auth) as resp:
+            assert resp.status == 404, key
+
+
+async def test_check_idempotency_only_sees_the_callers_company(
+    http: tuple[aiohttp.ClientSession, str],
+    device: Device,
+    tenant: Tenant,
+    session_id: str,
+    store: PostgresStore,
+) -> None:
+    """Another company's keys (client keys and idempotencyKeys) are 404 for the caller."""
+    session, base = http
+    idem = f"mobile-app-key-{secrets.token_hex(6)}"
+    rec = await stored_record(device, session_id, idempotencyKey=idem)
+    key = f"client:{session_id}:{rec['workerId']}:{rec['clientEventId']}"
+    other = await make_tenant(store)
+    for k in (key, idem):
+        async with session.head(check_url(base, k), headers=bearer(tenant.token())) as resp:
+            assert resp.status == 200, k
+        async with session.head(check_url(base, k), headers=bearer(other.token())) as resp:
+            assert resp.status == 404, k
+    # a colleague of the same company sees them
+    colleague = bearer(tenant.token(sub=tenant.other_user))
+    async with session.head(check_url(base, key), headers=colleague) as resp:
+        assert resp.status == 200
+
+
+async def test_check_idempotency_finds_idempotency_keys(
+    http: tuple[aiohttp.ClientSession, str], device: Device, tenant: Tenant, session_id: str
+) -> None:
+    """Any other string is taken as an idempotencyKey: 200 once a record stored it."""
+    session, base = http
+    idem = f"mobile-app-key-timestamp-{secrets.token_hex(6)}"
+    auth = bearer(tenant.token())
+    async with session.head(check_url(base, idem), headers=auth) as resp:
+        assert resp.status == 404
+    await stored_record(device, session_id, idempotencyKey=idem)
+    async with session.head(check_url(base, idem), headers=auth) as resp:
+        assert resp.status == 200
+    async with session.get(check_url(base, idem), headers=auth) as resp:
+        assert resp.status == 200
+        assert (await resp.json())["data"]["exists"] is True
+
+
+async def test_check_idempotency_needs_a_valid_token(
+    http: tuple[aiohttp.ClientSession, str], tenant: Tenant, session_id: str
+) -> None:
+    """No Authorization: 401; a bad or expired token: 401; a token of an unknown user: 403."""
+    session, base = http
+    key = f"client:{session_id}:JS0315:evt_x"
+    async with session.head(check_url(base, key)) as resp:
+        assert resp.status == 401
+    async with session.get(check_url(base, key)) as resp:
+        assert resp.status == 401
+        body = await resp.json()
+        assert body["error"]["code"] == "UNAUTHORIZED"
+    for headers in (
+        {"Authorization": "Bearer not-a-jwt"},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        bearer(tenant.token(ttl_s=-3600)),
+    ):
+        async with session.get(check_url(base, key), headers=headers) as resp:
+            assert resp.status == 401, headers
+    async with session.get(
+        check_url(base, key), headers=bearer(tenant.token(sub="ghost_user"))
+    ) as resp:
+        assert resp.status == 403
+        assert (await resp.json())["error"]["code"] == "FORBIDDEN"
+
+
+async def test_check_idempotency_needs_a_key(
+    http: tuple[aiohttp.ClientSession, str], tenant: Tenant
+) -> None:
+    """Without ?key= (or with an empty one): 400 VALIDATION_ERROR."""
+    session, base = http
+    for url in (f"{base}{CHECK}", f"{base}{CHECK}?key="):
+        async with session.get(url, headers=bearer(tenant.token())) as resp:
+            assert resp.status == 400, url
+            body = await resp.json()
+            assert body["error"]["code"] == "VALIDATION_ERROR"
+        async with session.head(url, headers=bearer(tenant.token())) as resp:
+            assert resp.status == 400, url
+
+
+async def test_check_idempotency_over_mqtt(device: Device, tenant: Tenant, session_id: str) -> None:
+    """The MQTT check replies data {key, exists} for the caller's company."""
+    rec = await stored_record(device, session_id)
+    key = f"client:{session_id}:{rec['workerId']}:{rec['clientEventId']}"
+    found = await device.request("records/check-idempotency", {"key": key})
+    assert found == {"status": "success", "data": {"key": key, "exists": True}}
+    missing = await device.request("records/check-idempotency", {"key": key + "x"})
+    assert missing["data"] == {"key": key + "x", "exists": False}
+
+
+_SAMPLE = re.compile(
+    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
+    r"(?:\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\"(?:,[a-zA-Z_][a-zA-Z0-9_]*=\"[^\"]*\")*,?)\})?"
+    r" (?P<value>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|NaN|\+Inf|-Inf))(?: [0-9]+)?$"
+)
+_TYPE = re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|untyped)$")
+
+
+async def test_metrics_is_prometheus_text(
+    http: tuple[aiohttp.ClientSession, str], device: Device, session_id: str
+) -> None:
+    """GET /metrics is Prometheus text: TYPE lines once per family, well-formed samples."""
+    await stored_record(device, session_id)
+    session, base = http
+    async with session.get(f"{base}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        text = await resp.text()
+    assert text.endswith("\n")
+    typed: dict[str, str] = {}
+    samples: dict[str, list[tuple[str, float]]] = {}
+    for line in text.splitlines():
+        if not line:
+            continue
+        if line.startswith("#"):
+            if line.startswith("# TYPE"):
+                m = _TYPE.match(line)
+                assert m, line
+                assert m.group(1) not in typed, f"TYPE {m.group(1)} given twice"
+                typed[m.group(1)] = m.group(2)
+            else:
+                assert line.startswith("# HELP "), line
+            continue
+        m = _SAMPLE.match(line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        name = m.group("name")
+        family = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert name in typed or family in typed, f"{name} has no TYPE line before it"
+        samples.setdefault(name, []).append((m.group("labels") or "", float(m.group("value"))))
+    assert samples, text
+    for family, kind in typed.items():
+        if kind != "histogram":
+            continue
+        buckets = samples.get(f"{family}_bucket", [])
+        assert buckets, family
+        counts = [v for _, v in buckets]
+        assert counts == sorted(counts), f"{family} buckets are not cumulative"
+        assert buckets[-1][0] == 'le="+Inf"'
+        assert samples[f"{family}_count"][0][1] == buckets[-1][1]
+        assert f"{family}_sum" in samples
+
+
+async def test_sidecar_of_a_second_gateway(servers: Servers, database: str) -> None:
+    """A gateway on a fixed free port serves /healthz there (GATEWAY_HTTP_PORT is honoured)."""
+    port = free_port()
+    settings = gateway_settings(
+        servers, database, http_port=port, topic_prefix=f"hb-http-{secrets.token_hex(3)}/v2"
+    )
+    async with running_gateway(settings) as gw, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        assert gw.http_port == port
+        async with s.get(f"http://127.0.0.1:{port}/healthz") as resp:
+            assert resp.status == 200
+        async with s.get(f"http://127.0.0.1:{port}/readyz") as resp:
+            assert resp.status == 200
+
+
+async def test_rest_replay_of_an_mqtt_record_is_idempotent(
+    http: tuple[aiohttp.ClientSession, str], device: Device, tenant: Tenant, session_id: str
+) -> None:
+    """The same record over MQTT then over REST: one record, the REST reply says replay."""
+    session, base = http
+    rec = record(units=5)
+    first = await device.request(f"sessions/{session_id}/records", rec)
+    assert first["status"] == "success", first
+    body = {**rec, "sessionId": session_id, "auth0Id": tenant.user}
+    async with session.post(
+        f"{base}/api/control/production/records", json=body, headers=bearer(tenant.token())
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers.get("X-Idempotent-Replay") == "true"
+        replay = await resp.json()
+    assert replay["data"]["idempotent"] is True
+    assert replay["data"]["recordId"] == first["data"]["recordId"]
+    conflicting = {**body, "units": 6}
+    async with session.post(
+        f"{base}/api/control/production/records", json=conflicting, headers=bearer(tenant.token())
+    ) as resp:
+        assert resp.status == 409
+        assert "X-Idempotent-Replay" not in resp.headers
+        assert (await resp.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"

@@ -1,0 +1,29 @@
+"""Seeding in steps: a later file may add users and projects to a company already loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.core.seedfile import SeedFile
+from gateway.errors import InvalidRequest
+from gateway.store.postgres import PostgresStore
+from tests.support.tenants import make_tenant
+
+
+async def test_users_may_join_a_company_already_in_the_database(store: PostgresStore) -> None:
+    """A file with only users for an existing company loads; an unknown company is refused."""
+    tenant = await make_tenant(store)
+    newcomer = f"{tenant.user}_new"
+    counts = await store.seed(
+        SeedFile.model_validate({"users": [{"auth0Id": newcomer, "companyId": tenant.company_id}]})
+    )
+    assert counts["users"] == 1
+    assert await store.companies_of([newcomer]) == {newcomer: tenant.company_id}
+    with pytest.raises(InvalidRequest) as info:
+        await store.seed(
+            SeedFile.model_validate(
+                {"users": [{"auth0Id": f"{newcomer}_2", "companyId": "comp_nowhere"}]}
+            )
+        )
+    assert "comp_nowhere" in info.value.message
+    assert await store.companies_of([f"{newcomer}_2"]) == {}

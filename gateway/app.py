@@ -163,6 +163,7 @@ class Gateway:
             self.metrics,
             batch_max=s.batch_max,
             batch_wait_s=s.batch_wait_ms / 1000,
+            max_inflight=s.max_inflight,
         )
         link.on_message = pipeline.submit
         link.on_disconnected = pipeline.connection_lost
@@ -189,6 +190,16 @@ class Gateway:
             "dead-letters": asyncio.create_task(dead_letters.run(), name="dead-letters"),
             "sweeper": asyncio.create_task(self.sweeper.run(self._stopping), name="sweeper"),
             "publisher": asyncio.create_task(self.publisher.run(self._stopping), name="publisher"),
+            "cache-notifications": asyncio.create_task(
+                store.listen(
+                    {
+                        "hydrobit_sessions": service.session_changed,
+                        "hydrobit_users": service.user_changed,
+                    },
+                    on_reset=service.forget_all,
+                ),
+                name="cache-notifications",
+            ),
         }
         try:
             await link.wait_connected()

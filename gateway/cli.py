@@ -163,6 +163,43 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from gateway.core.auth import mint_token
+    from gateway.simulate import FleetPlan, open_sessions, parse_ws_url, run_fleet
+
+    settings = load_settings()
+    token = args.token
+    if token is None:
+        if not (args.sub and settings.jwt_secret):
+            raise ConfigError("give --token, or --sub with GATEWAY_JWT_SECRET set to mint one")
+        token = mint_token(settings.jwt_secret, args.sub, ttl_s=3600)
+    host, port, path, tls = parse_ws_url(args.url)
+    sessions = list(args.session or [])
+    if not sessions:
+        if not (args.project and args.sector):
+            raise ConfigError("give --session ID (repeatable), or --project and --sector to open")
+        sessions = open_sessions(args.url, settings.topic_prefix, token, args.project, args.sector)
+        print(f"opened {len(sessions)} session(s): {', '.join(sessions)}", file=sys.stderr)
+    plan = FleetPlan(
+        host=host,
+        port=port,
+        path=path,
+        tls=tls,
+        prefix=settings.topic_prefix,
+        token=token,
+        sessions=sessions,
+        devices=args.devices,
+        records=args.records,
+        rate=args.rate,
+        window=args.window,
+        duplicates=args.duplicates,
+        processes=args.processes,
+    )
+    summary = run_fleet(plan)
+    print(summary.describe())
+    return 0 if summary.replies == summary.sent and summary.errors == 0 else 1
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from gateway.devmode import run_dev
 
@@ -195,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(func=cmd_dead_letters)
+
+    p = sub.add_parser("simulate", help="a fleet of simulated devices over MQTT/WebSocket")
+    p.add_argument("--url", default="ws://127.0.0.1:9001/mqtt", help="the broker's WebSocket URL")
+    p.add_argument("--token", help="a JWT for the devices")
+    p.add_argument("--sub", help="mint a token for this user with GATEWAY_JWT_SECRET")
+    p.add_argument("--session", action="append", help="a session to record into (repeatable)")
+    p.add_argument("--project", help="open sessions in this project (with --sector)")
+    p.add_argument("--sector", action="append", help="a sector to open a session in")
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--records", type=int, default=10_000)
+    p.add_argument("--rate", type=float, default=0.0, help="records/s offered; 0 = saturate")
+    p.add_argument("--window", type=int, default=200, help="unanswered requests per device")
+    p.add_argument("--duplicates", type=float, default=0.0, help="share of records sent twice")
+    p.add_argument("--processes", type=int, default=1)
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("token", help="mint an HS256 development token")
     p.add_argument("--sub", required=True, help="the user (auth0Id)")

@@ -120,7 +120,9 @@ class Publisher:
             asyncio.create_task(self._state_loop(lost, stopping), name="state"),
         ]
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            _done, running = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.is_set():  # let the loops finish their round: mark what was confirmed
+                await asyncio.wait(running, timeout=5)
         finally:
             lost.set()
             for task in tasks:

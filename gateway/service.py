@@ -20,6 +20,7 @@ from gateway.core.events import (
     SessionEvent,
     new_event,
     new_record_id,
+    new_record_ids,
     new_session_id,
 )
 from gateway.core.idempotency import RecordContent, resolve_existing, split_client_key
@@ -60,6 +61,7 @@ from gateway.store.postgres import NewRecord, NewSession, PostgresStore, Session
 log = logging.getLogger(__name__)
 
 MAX_RECORD_ATTEMPTS = 4
+CACHE_LIMIT = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,13 +88,36 @@ class RecordRequest:
 
 @dataclass(frozen=True, slots=True)
 class RecordAccepted:
-    record: Record
+    """A record stored (now, or before: ``idempotent``) and what the reply shows of it."""
+
+    record_id: str
+    preview: dict[str, Any]
     idempotent: bool
+
+    @classmethod
+    def stored(cls, record: Record, *, idempotent: bool) -> RecordAccepted:
+        return cls(record.record_id, record_preview(record), idempotent)
+
+    @classmethod
+    def new(cls, r: RecordRequest, record_id: str) -> RecordAccepted:
+        """Just inserted: the preview comes from the request (no Record to build)."""
+        c = r.cmd
+        preview: dict[str, Any] = {
+            "sessionId": r.session_id,
+            "workerId": c.workerId,
+            "worker_name": c.worker_name,
+            "units": number_out(c.units),
+            "recordedAtUtc": rules.iso(c.recordedAtUtc),
+            "clientEventId": c.clientEventId,
+        }
+        if c.idempotencyKey is not None:
+            preview["idempotencyKey"] = c.idempotencyKey
+        return cls(record_id, preview, False)
 
     def data(self) -> dict[str, Any]:
         return {
-            "recordId": self.record.record_id,
-            "payloadPreview": record_preview(self.record),
+            "recordId": self.record_id,
+            "payloadPreview": self.preview,
             "idempotent": self.idempotent,
         }
 
@@ -147,7 +172,7 @@ class Bulk:
             result["error"] = error_body(outcome)
         else:
             result["status"] = "duplicated" if outcome.idempotent else "ok"
-            result["recordId"] = outcome.record.record_id
+            result["recordId"] = outcome.record_id
 
     def sink(self, i: int) -> Callable[[RecordOutcome], None]:
         return lambda outcome: self.settle(i, outcome)
@@ -173,6 +198,11 @@ class Service:
     def __init__(self, store: PostgresStore, limits: Limits) -> None:
         self.store = store
         self.limits = limits
+        # Caches that stay correct: entries are dropped on PostgreSQL notifications (the app
+        # wires them), and the database still decides: inserts are guarded by the session
+        # version, and a refusal read from the cache is checked again against the database.
+        self.session_cache: dict[str, SessionFacts] = {}
+        self.user_cache: dict[str, str] = {}
         # called when a request finds an open session past its deadline (wakes the sweeper)
         self.on_expired_seen: Callable[[], None] = lambda: None
 
@@ -182,11 +212,16 @@ class Service:
         self, asks: Sequence[tuple[Claims, str | None]]
     ) -> list[Principal | RequestError]:
         """The principal of each (verified claims, payload auth0Id); companies in one query."""
-        # Not cached: the users table is the truth, and one query per batch is cheap.
-        companies = await self.store.companies_of(sorted({c.sub for c, _ in asks}))
+        cache = self.user_cache
+        missing = {c.sub for c, _ in asks if c.sub not in cache}
+        if missing:
+            found = await self.store.companies_of(sorted(missing))
+            if len(cache) + len(found) > CACHE_LIMIT:
+                cache.clear()
+            cache.update(found)
         out: list[Principal | RequestError] = []
         for claims, auth0_id in asks:
-            company = companies.get(claims.sub)
+            company = cache.get(claims.sub)
             if auth0_id is not None and auth0_id != claims.sub:
                 out.append(Forbidden("auth0Id in the payload differs from the token's subject"))
             elif company is None:
@@ -350,22 +385,27 @@ class Service:
         transaction, and the request is refused with SESSION_EXPIRED.
         """
         refusal: RequestError | None = None
-        async with self.store.lock_session(session_id) as tx:
-            if tx is None:
-                raise NotFound(f"session {session_id} not found")
-            facts = tx.session.facts
-            rules.check_access(facts, who)
-            refusal = rules.refusal_for_closed(facts, arrival)
-            if refusal is None:
-                return await apply(tx)
-            if facts.expired_at(arrival):
-                expired = await tx.expire()
-                await tx.emit(expiry_events([expired], arrival))
+        try:
+            async with self.store.lock_session(session_id) as tx:
+                if tx is None:
+                    raise NotFound(f"session {session_id} not found")
+                facts = tx.session.facts
+                rules.check_access(facts, who)
+                refusal = rules.refusal_for_closed(facts, arrival)
+                if refusal is None:
+                    return await apply(tx)
+                if facts.expired_at(arrival):
+                    expired = await tx.expire()
+                    await tx.emit(expiry_events([expired], arrival))
+        finally:
+            self.session_changed(session_id)  # this process knows first; others get a NOTIFY
         raise refusal
 
     async def expire_due(self, now: datetime) -> list[str]:
         """Close and announce every session past its deadline; the ids closed by this call."""
         closed = await self.store.expire_due(now, lambda s: expiry_events(s, now))
+        for s in closed:
+            self.session_changed(s.session_id)
         return [s.session_id for s in closed]
 
     # records --------------------------------------------------------------------------------
@@ -386,15 +426,38 @@ class Service:
                 outcomes[i] = exc
             else:
                 pending.append(i)
-        ids = {i: new_record_id() for i in pending}
-        for _attempt in range(MAX_RECORD_ATTEMPTS):
+        ids = dict(zip(pending, new_record_ids(len(pending)), strict=True))
+        for attempt in range(MAX_RECORD_ATTEMPTS):
             if not pending:
                 break
-            pending = await self._record_round(reqs, pending, ids, outcomes)
+            pending = await self._record_round(reqs, pending, ids, outcomes, fresh=attempt > 0)
         for i in pending:
             log.error("record %s could not be decided", reqs[i].cmd.clientEventId)
             outcomes[i] = Internal("the record could not be applied; retry with the same ids")
         return [o if o is not None else Internal("no outcome") for o in outcomes]
+
+    async def _session_facts(self, ids: set[str], *, fresh: bool) -> dict[str, SessionFacts]:
+        """Facts of the sessions ``ids`` (those that exist), from the cache unless ``fresh``."""
+        cache = self.session_cache
+        wanted = ids if fresh else {s for s in ids if s not in cache}
+        found = await self.store.session_facts(sorted(wanted)) if wanted else {}
+        if found:
+            if len(cache) + len(found) > CACHE_LIMIT:
+                cache.clear()
+            cache.update(found)
+        return {s: f for s in ids if (f := found.get(s) or cache.get(s)) is not None}
+
+    def session_changed(self, session_id: str) -> None:
+        """A notification: the session's admission facts changed elsewhere."""
+        self.session_cache.pop(session_id, None)
+
+    def user_changed(self, auth0_id: str) -> None:
+        self.user_cache.pop(auth0_id, None)
+
+    def forget_all(self) -> None:
+        """Notifications may have been missed: trust nothing cached."""
+        self.session_cache.clear()
+        self.user_cache.clear()
 
     def _check_record(self, r: RecordRequest) -> None:
         c = r.cmd
@@ -412,10 +475,21 @@ class Service:
         pending: list[int],
         ids: dict[int, str],
         outcomes: list[RecordOutcome | None],
+        *,
+        fresh: bool,
     ) -> list[int]:
-        facts = await self.store.session_facts(sorted({reqs[i].session_id for i in pending}))
+        facts = await self._session_facts({reqs[i].session_id for i in pending}, fresh=fresh)
         to_insert: list[int] = []
         refused: dict[int, RequestError] = {}
+        if not fresh:  # a refusal must not rest on the cache: confirm those sessions first
+            doubtful = {
+                reqs[i].session_id
+                for i in pending
+                if (f := facts.get(reqs[i].session_id)) is not None
+                and rules.refusal_for_closed(f, reqs[i].arrival) is not None
+            }
+            if doubtful:
+                facts.update(await self._session_facts(doubtful, fresh=True))
         for i in pending:
             r = reqs[i]
             f = facts.get(r.session_id)
@@ -439,7 +513,7 @@ class Service:
         )
         for i in to_insert:
             if ids[i] in inserted:
-                outcomes[i] = RecordAccepted(_accepted_record(reqs[i], ids[i]), idempotent=False)
+                outcomes[i] = RecordAccepted.new(reqs[i], ids[i])
         unresolved = [i for i in to_insert if ids[i] not in inserted] + list(refused)
         if not unresolved:
             return []
@@ -475,7 +549,7 @@ class Service:
             if stored is not None:
                 original = client if client is not None else idem
                 assert original is not None
-                outcomes[i] = RecordAccepted(original, idempotent=True)
+                outcomes[i] = RecordAccepted.stored(original, idempotent=True)
             elif i in refused:
                 outcomes[i] = refused[i]
             else:
@@ -562,27 +636,6 @@ def _new_record(r: RecordRequest, record_id: str, version: int) -> NewRecord:
         client_event_id=r.cmd.clientEventId,
         idempotency_key=r.cmd.idempotencyKey,
         expected_version=version,
-    )
-
-
-def _accepted_record(r: RecordRequest, record_id: str) -> Record:
-    return Record(
-        record_id=record_id,
-        session_id=r.session_id,
-        company_id=r.who.company_id,
-        owner=r.who.sub,
-        worker_id=r.cmd.workerId,
-        worker_name=r.cmd.worker_name,
-        units=Decimal(repr(r.cmd.units)),
-        recorded_at=r.cmd.recordedAtUtc,
-        client_event_id=r.cmd.clientEventId,
-        idempotency_key=r.cmd.idempotencyKey,
-        kind="record",
-        state="inserted",
-        void_of=None,
-        void_reason=None,
-        voided_by=None,
-        created_at=r.arrival,
     )
 
 

@@ -51,3 +51,9 @@ def new_session_id() -> str:
 
 def new_record_id() -> str:
     return f"rec_{secrets.token_hex(8)}"
+
+
+def new_record_ids(n: int) -> list[str]:
+    """``n`` record ids from one read of the system's random source."""
+    raw = secrets.token_hex(8 * n)
+    return [f"rec_{raw[i : i + 16]}" for i in range(0, 16 * n, 16)]

@@ -257,6 +257,10 @@ class PostgresStore:
     def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
         self._pool = pool
         self._dsn = dsn
+        # The hot path (the pipeline's batches) runs on one dedicated connection: a pooled
+        # query costs a second round trip (asyncpg resets the connection on release).
+        self._hot: asyncpg.Connection | None = None
+        self._hot_lock = asyncio.Lock()
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 8) -> PostgresStore:
@@ -276,10 +280,67 @@ class PostgresStore:
         return cls(pool, dsn)
 
     async def close(self) -> None:
+        if self._hot is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._hot.close(), 5)
+            self._hot = None
         await self._pool.close()
 
     def terminate(self) -> None:
+        if self._hot is not None:
+            self._hot.terminate()
         self._pool.terminate()
+
+    @asynccontextmanager
+    async def _hot_conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """The dedicated hot-path connection, (re)opened on demand, one user at a time."""
+        async with self._hot_lock:
+            try:
+                if self._hot is None or self._hot.is_closed():
+                    self._hot = await asyncpg.connect(self._dsn, command_timeout=60)
+                    await _init_connection(self._hot)
+                yield self._hot
+            except Exception as exc:
+                if is_transient(exc):
+                    if self._hot is not None:
+                        self._hot.terminate()
+                    self._hot = None
+                    raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+                raise
+
+    async def listen(
+        self, channels: dict[str, Callable[[str], None]], on_reset: Callable[[], None]
+    ) -> None:
+        """Deliver NOTIFY payloads of ``channels`` until cancelled, reconnecting as needed.
+
+        ``on_reset`` runs whenever notifications may have been missed (every (re)connect):
+        callers drop what they cached.
+        """
+        delay = 0.5
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                for channel, handler in channels.items():
+                    await conn.add_listener(
+                        channel, lambda _c, _p, _ch, payload, h=handler: h(payload)
+                    )
+                on_reset()
+                delay = 0.5
+                while not conn.is_closed():
+                    await asyncio.sleep(5)
+                    await asyncio.wait_for(conn.fetchval("SELECT 1"), 10)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cache notifications interrupted (%s); caches cleared", exc)
+                on_reset()
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10)
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
@@ -300,7 +361,7 @@ class PostgresStore:
     # tenants ------------------------------------------------------------------------------
 
     async def companies_of(self, subs: Sequence[str]) -> dict[str, str]:
-        async with self._conn() as conn:
+        async with self._hot_conn() as conn:
             rows = await conn.fetch(
                 "SELECT auth0_id, company_id FROM users WHERE auth0_id = ANY($1::text[])",
                 list(subs),
@@ -404,7 +465,7 @@ class PostgresStore:
         await _insert_events(conn, events)
 
     async def session_facts(self, session_ids: Sequence[str]) -> dict[str, SessionFacts]:
-        async with self._conn() as conn:
+        async with self._hot_conn() as conn:
             rows = await conn.fetch(
                 f"SELECT {_FACTS_COLUMNS} FROM production_sessions "
                 "WHERE session_id = ANY($1::text[])",
@@ -600,7 +661,7 @@ class PostgresStore:
         """
         if not rows:
             return set()
-        async with self._conn() as conn:
+        async with self._hot_conn() as conn:
             result = await conn.fetch(
                 _INSERT_RECORDS,
                 [r.record_id for r in rows],
@@ -623,7 +684,7 @@ class PostgresStore:
         idempotency_keys: Sequence[tuple[str, str]],
     ) -> tuple[dict[tuple[str, str, str], Record], dict[tuple[str, str], Record]]:
         """Stored records by (session, worker, clientEventId) and by (company, idempotencyKey)."""
-        async with self._conn() as conn:
+        async with self._hot_conn() as conn:
             rows = await conn.fetch(
                 f"""SELECT {_RECORD_COLUMNS} FROM production_records
                     WHERE (session_id, worker_id, client_event_id) IN (

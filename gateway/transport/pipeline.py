@@ -38,6 +38,7 @@ class Pipeline:
         *,
         batch_max: int,
         batch_wait_s: float,
+        max_inflight: int = 2_000,
     ) -> None:
         self._link = link
         self._dispatcher = dispatcher
@@ -49,6 +50,10 @@ class Pipeline:
         self._arrived = asyncio.Event()
         self._stopping = asyncio.Event()
         self.store_ok = True
+        # flow control: past max_inflight unacknowledged requests we stop reading the socket
+        # (the broker keeps the backlog), and start again below half of it
+        self._max_inflight = max_inflight
+        self._paused = False
 
     # fed by the link ----------------------------------------------------------------------
 
@@ -57,11 +62,16 @@ class Pipeline:
         if msg.qos:
             self._unacked.append(msg)
         self._arrived.set()
+        if not self._paused and len(self._queue) + len(self._unacked) >= 2 * self._max_inflight:
+            self._paused = True
+            self._link.pause_reading()
+            self._metrics.inc("gateway_read_pauses_total")
 
     def connection_lost(self) -> None:
         """Forget what the old connection delivered: the broker redelivers it, unacknowledged."""
         self._unacked.clear()
         self._queue.clear()
+        self._paused = False
 
     @property
     def backlog(self) -> int:
@@ -141,3 +151,6 @@ class Pipeline:
         link = self._link
         while unacked and unacked[0].done:
             link.ack(unacked.popleft())
+        if self._paused and len(self._queue) + len(unacked) < self._max_inflight:
+            self._paused = False
+            link.resume_reading()

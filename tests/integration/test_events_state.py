@@ -204,8 +204,8 @@ async def test_two_sweepers_announce_one_expiry(
         try:
             past = datetime.now(UTC) - timedelta(minutes=1)
             await conn.execute(
-                "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01 "
-                "WHERE session_id = $1",
+                "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01, "
+                "version = version + 1 WHERE session_id = $1",
                 sid,
                 past,
             )

@@ -101,8 +101,8 @@ class Run:
     def note(self, c: Create, outcome: RecordAccepted | RequestError) -> None:
         key = (self.sessions[c.session], c.worker, c.event)
         if isinstance(outcome, RecordAccepted):
-            self.answers[key].add(outcome.record.record_id)
-            self.created.append(outcome.record.record_id)
+            self.answers[key].add(outcome.record_id)
+            self.created.append(outcome.record_id)
             if not outcome.idempotent:
                 self.new_per_key[key] += 1
         else:

@@ -28,7 +28,7 @@ async def _force_deadline(database: str, session_id: str, when: datetime) -> Non
         await conn.execute(
             """UPDATE production_sessions
                SET opened_at = $2::timestamptz - interval '1 hour', max_duration_hours = 1,
-                   expires_at = $2
+                   expires_at = $2, version = version + 1
                WHERE session_id = $1""",
             session_id,
             when,

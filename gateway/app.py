@@ -161,9 +161,11 @@ class Gateway:
             link,
             dispatcher,
             self.metrics,
+            self.topics,
             batch_max=s.batch_max,
             batch_wait_s=s.batch_wait_ms / 1000,
             max_inflight=s.max_inflight,
+            depth=s.pipeline_depth,
         )
         link.on_message = pipeline.submit
         link.on_disconnected = pipeline.connection_lost

@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(default=0, ge=0)
     rate_limit_burst: int = Field(default=0, ge=0)
 
-    batch_max: int = Field(default=256, ge=1, le=10_000)
+    batch_max: int = Field(default=500, ge=1, le=10_000)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    pipeline_depth: int = Field(default=2, ge=1, le=16)
     max_inflight: int = Field(default=2_000, ge=1, le=60_000)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     state_interval_s: float = Field(default=0.25, gt=0)

@@ -142,16 +142,35 @@ class Reply:
 
 
 class MqttWsConnection:
-    """One device: a non-blocking socket speaking MQTT 5 over WebSocket (blocking setup)."""
+    """One device: a non-blocking socket speaking MQTT 5 over WebSocket (blocking setup);
+    ``path=None`` speaks plain MQTT over TCP instead (for comparison)."""
 
-    def __init__(self, host: str, port: int, path: str, client_id: str, *, tls: bool = False):
+    def __init__(
+        self, host: str, port: int, path: str | None, client_id: str, *, tls: bool = False
+    ):
         self.client_id = client_id
+        self.websocket = path is not None
         sock = socket.create_connection((host, port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls:
             import ssl
 
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        self.sock = sock
+        self._ws = bytearray()  # raw websocket bytes
+        self._mqtt = bytearray()  # de-framed MQTT bytes
+        self.unacked = 0  # our QoS 1 publishes awaiting the broker's PUBACK
+        self.other: list[bytes] = []  # publishes without correlation data
+        if self.websocket:
+            self._handshake(host, port, path or "/mqtt")
+        self.send(connect_packet(client_id))
+        self._expect(0x20, "CONNACK")
+
+    def frame(self, data: bytes) -> bytes:
+        return ws_frame(data) if self.websocket else data
+
+    def _handshake(self, host: str, port: int, path: str) -> None:
+        sock = self.sock
         key = base64.b64encode(os.urandom(16)).decode()
         sock.sendall(
             (
@@ -169,16 +188,10 @@ class MqttWsConnection:
         status = head.split(b"\r\n", 1)[0]
         if b" 101 " not in status:
             raise ConnectionError(f"websocket handshake refused: {status.decode(errors='replace')}")
-        self.sock = sock
-        self._ws = bytearray(head.split(b"\r\n\r\n", 1)[1])  # raw websocket bytes
-        self._mqtt = bytearray()  # de-framed MQTT bytes
-        self.unacked = 0  # our QoS 1 publishes awaiting the broker's PUBACK
-        self.other: list[bytes] = []  # publishes without correlation data
-        self.send(connect_packet(client_id))
-        self._expect(0x20, "CONNACK")
+        self._ws += head.split(b"\r\n\r\n", 1)[1]
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(ws_frame(data))
+        self.sock.sendall(self.frame(data))
 
     def _expect(self, kind: int, name: str) -> bytes:
         deadline = time.monotonic() + 10
@@ -203,8 +216,11 @@ class MqttWsConnection:
             self.sock.setblocking(True)
         if not data:
             raise ConnectionError("broker closed the connection")
-        self._ws += data
-        self._unframe()
+        if self.websocket:
+            self._ws += data
+            self._unframe()
+        else:
+            self._mqtt += data
         return len(data)
 
     def _unframe(self) -> None:
@@ -327,7 +343,7 @@ class FleetPlan:
 
     host: str
     port: int
-    path: str
+    path: str | None  # None: plain MQTT over TCP
     prefix: str
     token: str
     sessions: list[str]
@@ -453,7 +469,7 @@ class _Worker:
             for corr, _ in batch:
                 self.sent_at[corr] = stamp
             frames = [
-                ws_frame(b"".join(p for _, p in batch[j : j + plan.per_frame]))
+                c.frame(b"".join(p for _, p in batch[j : j + plan.per_frame]))
                 for j in range(0, k, plan.per_frame)
             ]
             c.sock.setblocking(True)
@@ -634,12 +650,15 @@ def summarize(results: Sequence[WorkerResult]) -> FleetSummary:
     )
 
 
-def parse_ws_url(url: str) -> tuple[str, int, str, bool]:
+def parse_ws_url(url: str) -> tuple[str, int, str | None, bool]:
+    """(host, port, websocket path or None for plain TCP, TLS) of a broker URL."""
     parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError("the simulator speaks MQTT over WebSocket: ws://host:9001/mqtt")
-    port = parts.port or (443 if parts.scheme == "wss" else 80)
-    return parts.hostname, port, parts.path or "/mqtt", parts.scheme == "wss"
+    defaults = {"ws": 80, "wss": 443, "mqtt": 1883, "mqtts": 8883}
+    if parts.scheme not in defaults or not parts.hostname:
+        raise ValueError("use ws://host:9001/mqtt (devices' WebSocket) or mqtt://host:1883")
+    port = parts.port or defaults[parts.scheme]
+    path = (parts.path or "/mqtt") if parts.scheme in ("ws", "wss") else None
+    return parts.hostname, port, path, parts.scheme in ("wss", "mqtts")
 
 
 def open_sessions(

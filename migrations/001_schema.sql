@@ -89,6 +89,9 @@ CREATE TABLE session_worker_totals (
     units       numeric NOT NULL DEFAULT 0,
     records     bigint NOT NULL DEFAULT 0,
     voided      bigint NOT NULL DEFAULT 0,
+    -- records added by the latest batch: lets that batch tell, from the row alone, whether
+    -- the worker just gained their first record that is not voided (no join needed)
+    last_added  bigint NOT NULL DEFAULT 0,
     PRIMARY KEY (session_id, worker_id)
 );
 
@@ -96,7 +99,8 @@ CREATE TABLE session_worker_totals (
 -- row with the negative units of the record it cancels.
 CREATE TABLE production_records (
     record_id        text PRIMARY KEY,
-    company_id       text NOT NULL REFERENCES companies (company_id),
+    -- the session's company, copied (the session's own foreign key vouches for it)
+    company_id       text NOT NULL,
     session_id       text NOT NULL REFERENCES production_sessions (session_id),
     owner_id         text NOT NULL,
     worker_id        text NOT NULL,
@@ -107,21 +111,25 @@ CREATE TABLE production_records (
     idempotency_key  text,
     kind             text NOT NULL DEFAULT 'record' CHECK (kind IN ('record', 'void')),
     state            text NOT NULL DEFAULT 'inserted' CHECK (state IN ('inserted', 'voided')),
-    void_of          text UNIQUE REFERENCES production_records (record_id),
+    void_of          text REFERENCES production_records (record_id),
     void_reason      text,
     voided_by        text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     -- the idempotency key client:{sessionId}:{workerId}:{clientEventId}
     CONSTRAINT production_records_client_event_key
         UNIQUE (session_id, worker_id, client_event_id),
-    CONSTRAINT production_records_idempotency_key
-        UNIQUE (company_id, idempotency_key),
     CHECK ((kind = 'record') = (client_event_id IS NOT NULL)),
     CHECK ((kind = 'void') = (void_of IS NOT NULL)),
     CHECK (kind = 'void' OR units >= 0),
     CHECK (kind = 'record' OR state = 'inserted'),
     CHECK ((state = 'voided') = (voided_by IS NOT NULL))
 );
+-- an optional idempotencyKey is unique per company; a record is voided at most once
+-- (partial: the many rows without one cost no index entry)
+CREATE UNIQUE INDEX production_records_idempotency_key
+    ON production_records (company_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE UNIQUE INDEX production_records_void_of_key
+    ON production_records (void_of) WHERE void_of IS NOT NULL;
 
 -- Transactional outbox: written with the change, published after commit, marked after PUBACK.
 CREATE TABLE session_events (

@@ -89,20 +89,20 @@ class TokenVerifier:
         self.unknown_kids: set[str] = set()
 
     def verify(self, authorization: str | None) -> Claims:
-        token = bearer_token(authorization)
-        cached = self._cache.get(token)
+        """The claims of a verified token; the cache is keyed by the whole header value."""
         now = self._clock()
+        cached = self._cache.get(authorization) if authorization else None
         if cached is not None:
             if cached.exp + self.leeway_s < now:
-                del self._cache[token]
+                del self._cache[authorization]  # type: ignore[arg-type]
                 raise Unauthorized("token expired: get a new one")
             return cached
-        claims = self._verify_uncached(token, now)
+        claims = self._verify_uncached(bearer_token(authorization), now)
         if len(self._cache) >= self._cache_size:
             # FIFO eviction: drop the oldest eighth so the cost is amortised.
             for old in list(self._cache)[: max(1, self._cache_size // 8)]:
                 del self._cache[old]
-        self._cache[token] = claims
+        self._cache[authorization] = claims  # type: ignore[index]
         return claims
 
     def _key_for(self, header: Mapping[str, Any]) -> tuple[Any, str]:

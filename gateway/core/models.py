@@ -215,7 +215,12 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
 
 def take_envelope(data: dict[str, Any]) -> Envelope:
     """Remove the envelope fields from ``data`` and return them (ill-typed ones are dropped)."""
-    if not any(k in data for k in ENVELOPE_FIELDS):
+    if (
+        "authorization" not in data
+        and "replyTo" not in data
+        and "requestId" not in data
+        and "auth0Id" not in data
+    ):
         return EMPTY_ENVELOPE
     invalid: list[str] = []
     texts: dict[str, str | None] = {}

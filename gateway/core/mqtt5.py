@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
@@ -256,6 +257,11 @@ def encode_subscribe(packet_id: int, filters: list[str], qos: int = 1) -> bytes:
     return _packet(SUBSCRIBE, body)
 
 
+def topic_header(topic: str) -> bytes:
+    """The length-prefixed topic of a PUBLISH (callers cache it per topic)."""
+    return utf8(topic)
+
+
 def encode_publish(
     topic: bytes,
     payload: bytes,
@@ -266,7 +272,7 @@ def encode_publish(
     correlation: bytes | None = None,
     expiry_s: int | None = None,
 ) -> bytes:
-    """A PUBLISH; ``topic`` is the UTF-8 bytes (callers cache them)."""
+    """A PUBLISH; ``topic`` is the ``topic_header`` (callers cache it)."""
     if correlation is None and expiry_s is None:
         props = b"\x00"
     else:
@@ -276,9 +282,7 @@ def encode_publish(
         if correlation is not None:
             p += b"\x09" + binary(correlation)
         props = varint(len(p)) + p
-    head = _pack_h(len(topic)) + topic
-    if qos:
-        head += _pack_h(packet_id)
+    head = topic + _pack_h(packet_id) if qos else topic
     body_len = len(head) + len(props) + len(payload)
     first = PUBLISH | (qos << 1) | (1 if retain else 0)
     return b"".join((bytes((first,)), varint(body_len), head, props, payload))
@@ -302,8 +306,7 @@ class Connack:
     properties: Properties
 
 
-@dataclass(slots=True)
-class Publish:
+class Publish(NamedTuple):
     topic: str
     payload: bytes
     qos: int

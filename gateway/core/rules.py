@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
 
 from gateway.errors import (
     Forbidden,
@@ -50,10 +52,10 @@ class SessionFacts:
     close_reason: str | None
     max_duration_hours: float
     version: int
+    deadline: datetime = field(init=False)
 
-    @property
-    def deadline(self) -> datetime:
-        return deadline(self.opened_at, self.max_duration_hours)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "deadline", deadline(self.opened_at, self.max_duration_hours))
 
     def expired_at(self, at: datetime) -> bool:
         """Open but past its deadline at ``at``: to be closed as expired."""
@@ -72,6 +74,11 @@ def zone(name: str) -> ZoneInfo:
 def session_day(opened_at: datetime, timezone: str) -> date:
     """The local calendar date of ``opened_at`` in the project's timezone."""
     return opened_at.astimezone(zone(timezone)).date()
+
+
+@lru_cache(maxsize=64)
+def _seconds(value: float) -> timedelta:
+    return timedelta(seconds=value)
 
 
 def deadline(opened_at: datetime, max_duration_hours: float) -> datetime:
@@ -139,7 +146,7 @@ def admit_record(
 
 
 def check_recorded_at(recorded_at: datetime, arrival: datetime, skew_s: float) -> None:
-    if recorded_at > arrival + timedelta(seconds=skew_s):
+    if recorded_at > arrival + _seconds(skew_s):
         raise InvalidRequest(
             f"recordedAtUtc {iso(recorded_at)} is in the future (more than {skew_s:g} s ahead); "
             "check the device clock",
@@ -192,15 +199,22 @@ def amount(units: Decimal, price: Decimal, bonus: dict[str, Any] | None) -> Deci
     return base
 
 
+_ISO_OPTIONS = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
+
+
 def iso(value: datetime | None) -> str | None:
-    """``2025-10-19T08:00:00.000Z``: UTC with milliseconds, as in the seeds."""
+    """``2025-10-19T08:00:00.000Z``: UTC with milliseconds, as in the seeds.
+
+    On the hot path (every reply), so formatted by orjson (C) rather than strftime.
+    """
     if value is None:
         return None
-    v = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-    return (
-        f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
-        f".{v.microsecond // 1000:03d}Z"
-    )
+    if value.tzinfo is not None and value.utcoffset():
+        value = value.astimezone(UTC)
+    text = orjson.dumps(value, option=_ISO_OPTIONS).decode()  # "…:SS[.ffffff]Z"
+    if len(text) == 22:  # no fraction
+        return text[1:20] + ".000Z"
+    return text[1:24] + "Z"
 
 
 def to_millis(value: datetime) -> datetime:

@@ -31,6 +31,7 @@ _SESSION_ACTIONS = {
 _RECORD_ACTIONS = {"get": Op.GET_RECORD, "void": Op.VOID_RECORD}
 
 MAX_ID_LENGTH = 128
+TOPIC_CACHE = 50_000
 
 # (levels after the prefix, first level, last level) of every topic the gateway reads or owns
 _RESERVED_SHAPES = frozenset(
@@ -56,15 +57,29 @@ def _valid_id(value: str) -> bool:
 class Topics:
     """Every topic the gateway reads or writes, under one prefix."""
 
-    __slots__ = ("_n", "_parts", "prefix")
+    __slots__ = ("_allowed", "_n", "_parts", "_routes", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix.strip("/")
         self._parts = tuple(self.prefix.split("/"))
         self._n = len(self._parts)
+        # Devices reuse their topics: remember the answers (bounded; pure either way).
+        self._routes: dict[str, Route | None] = {}
+        self._allowed: dict[str, bool] = {}
 
     def parse(self, topic: str) -> Route | None:
         """The route of a request topic, or None if it is not one (or names no valid id)."""
+        try:
+            return self._routes[topic]
+        except KeyError:
+            pass
+        route = self._parse(topic)
+        if len(self._routes) >= TOPIC_CACHE:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _parse(self, topic: str) -> Route | None:
         levels = topic.split("/")
         n = self._n
         if len(levels) < n + 2 or tuple(levels[:n]) != self._parts:
@@ -121,6 +136,16 @@ class Topics:
         Not to a wildcard or system topic, and never to a topic the gateway itself consumes
         (a reply would come back as a request) or owns (events, state, status).
         """
+        known = self._allowed.get(topic)
+        if known is not None:
+            return known
+        allowed = self._reply_allowed(topic)
+        if len(self._allowed) >= TOPIC_CACHE:
+            self._allowed.clear()
+        self._allowed[topic] = allowed
+        return allowed
+
+    def _reply_allowed(self, topic: str) -> bool:
         if not topic or len(topic) > 1024 or topic.startswith("$"):
             return False
         if "+" in topic or "#" in topic or "\x00" in topic:

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 # SQLSTATE classes worth a retry: connection, transaction rollback (deadlock, serialization),
 # insufficient resources, operator intervention (shutdown, cannot connect now), system error.
 _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+HOT_CONNECTIONS = 4  # at least GATEWAY_PIPELINE_DEPTH, plus room for the REST mirror
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -70,8 +71,9 @@ class NewSession:
     notes: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
+class NewRecord(NamedTuple):
+    """A ledger row to insert; a tuple, so the batch serialises straight to a JSON array."""
+
     record_id: str
     company_id: str
     session_id: str
@@ -102,11 +104,11 @@ _RECORD_COLUMNS = """
 
 _INSERT_RECORDS = """
 WITH input AS (
-    SELECT * FROM unnest(
-        $1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-        $7::float8[], $8::timestamptz[], $9::text[], $10::text[], $11::int8[]
-    ) AS t(record_id, company_id, session_id, owner_id, worker_id, worker_name,
-           units, recorded_at, client_event_id, idempotency_key, expected_version)
+    SELECT e->>0 AS record_id, e->>1 AS company_id, e->>2 AS session_id, e->>3 AS owner_id,
+           e->>4 AS worker_id, e->>5 AS worker_name, (e->>6)::float8 AS units,
+           (e->>7)::timestamptz AS recorded_at, e->>8 AS client_event_id,
+           e->>9 AS idempotency_key, (e->>10)::int8 AS expected_version
+    FROM jsonb_array_elements($1::text::jsonb) AS e
 ),
 locked AS (
     SELECT s.session_id, s.version
@@ -132,17 +134,18 @@ wd AS (
     FROM ins GROUP BY session_id, worker_id
 ),
 wk AS (
-    INSERT INTO session_worker_totals AS w (session_id, worker_id, units, records)
-    SELECT session_id, worker_id, units, n FROM wd ORDER BY session_id, worker_id
+    INSERT INTO session_worker_totals AS w (session_id, worker_id, units, records, last_added)
+    SELECT session_id, worker_id, units, n, n FROM wd ORDER BY session_id, worker_id
     ON CONFLICT (session_id, worker_id) DO UPDATE
-        SET units = w.units + excluded.units, records = w.records + excluded.records
-    RETURNING w.session_id, w.worker_id, w.records, w.voided
+        SET units = w.units + excluded.units, records = w.records + excluded.records,
+            last_added = excluded.records
+    RETURNING w.session_id, (w.records - w.last_added - w.voided = 0) AS first_active
 ),
 sd AS (
-    SELECT wd.session_id, sum(wd.units) AS units, sum(wd.n) AS n,
-           count(*) FILTER (WHERE wk.records - wd.n - wk.voided = 0) AS new_workers
-    FROM wd JOIN wk USING (session_id, worker_id)
-    GROUP BY wd.session_id
+    SELECT u.session_id, u.units, u.n, coalesce(k.new_workers, 0) AS new_workers
+    FROM (SELECT session_id, sum(units) AS units, sum(n) AS n FROM wd GROUP BY session_id) u
+    LEFT JOIN (SELECT session_id, count(*) FILTER (WHERE first_active) AS new_workers
+               FROM wk GROUP BY session_id) k USING (session_id)
 ),
 upd AS (
     UPDATE production_sessions s
@@ -259,8 +262,10 @@ class PostgresStore:
         self._dsn = dsn
         # The hot path (the pipeline's batches) runs on one dedicated connection: a pooled
         # query costs a second round trip (asyncpg resets the connection on release).
-        self._hot: asyncpg.Connection | None = None
-        self._hot_lock = asyncio.Lock()
+        self._hot: list[asyncpg.Connection | None] = [None] * HOT_CONNECTIONS
+        self._hot_free: asyncio.Queue[int] = asyncio.Queue()
+        for slot in range(HOT_CONNECTIONS):
+            self._hot_free.put_nowait(slot)
 
     @classmethod
     async def connect(cls, dsn: str, *, max_size: int = 8) -> PostgresStore:
@@ -280,33 +285,40 @@ class PostgresStore:
         return cls(pool, dsn)
 
     async def close(self) -> None:
-        if self._hot is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._hot.close(), 5)
-            self._hot = None
+        for i, conn in enumerate(self._hot):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), 5)
+                self._hot[i] = None
         await self._pool.close()
 
     def terminate(self) -> None:
-        if self._hot is not None:
-            self._hot.terminate()
+        for conn in self._hot:
+            if conn is not None:
+                conn.terminate()
         self._pool.terminate()
 
     @asynccontextmanager
     async def _hot_conn(self) -> AsyncIterator[asyncpg.Connection]:
-        """The dedicated hot-path connection, (re)opened on demand, one user at a time."""
-        async with self._hot_lock:
-            try:
-                if self._hot is None or self._hot.is_closed():
-                    self._hot = await asyncpg.connect(self._dsn, command_timeout=60)
-                    await _init_connection(self._hot)
-                yield self._hot
-            except Exception as exc:
-                if is_transient(exc):
-                    if self._hot is not None:
-                        self._hot.terminate()
-                    self._hot = None
-                    raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
-                raise
+        """A dedicated hot-path connection, (re)opened on demand, one user at a time each."""
+        slot = await self._hot_free.get()
+        try:
+            conn = self._hot[slot]
+            if conn is None or conn.is_closed():
+                conn = await asyncpg.connect(self._dsn, command_timeout=60)
+                await _init_connection(conn)
+                self._hot[slot] = conn
+            yield conn
+        except Exception as exc:
+            if is_transient(exc):
+                broken = self._hot[slot]
+                if broken is not None:
+                    broken.terminate()
+                self._hot[slot] = None
+                raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
+            raise
+        finally:
+            self._hot_free.put_nowait(slot)
 
     async def listen(
         self, channels: dict[str, Callable[[str], None]], on_reset: Callable[[], None]
@@ -661,21 +673,11 @@ class PostgresStore:
         """
         if not rows:
             return set()
+        # One JSON document rather than eleven arrays: asyncpg checks every array element
+        # against collections.abc (about 10 us a record); orjson writes the lot in C.
+        document = orjson.dumps(rows, default=tuple)
         async with self._hot_conn() as conn:
-            result = await conn.fetch(
-                _INSERT_RECORDS,
-                [r.record_id for r in rows],
-                [r.company_id for r in rows],
-                [r.session_id for r in rows],
-                [r.owner for r in rows],
-                [r.worker_id for r in rows],
-                [r.worker_name for r in rows],
-                [r.units for r in rows],
-                [r.recorded_at for r in rows],
-                [r.client_event_id for r in rows],
-                [r.idempotency_key for r in rows],
-                [r.expected_version for r in rows],
-            )
+            result = await conn.fetch(_INSERT_RECORDS, document.decode())
         return {r["record_id"] for r in result}
 
     async def existing_records(

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from gateway.core.auth import Claims, TokenVerifier
 from gateway.core.models import (
+    EMPTY_ENVELOPE,
     CheckIdempotency,
     CreateRecord,
     Envelope,
@@ -70,7 +71,7 @@ class _Request:
     msg: Inbound
     reply_topic: str
     route: Route | None = None
-    envelope: Envelope = field(default_factory=Envelope)
+    envelope: Envelope = EMPTY_ENVELOPE
     data: dict[str, Any] | None = None
     claims: Claims | None = None
     who: Principal | None = None
@@ -170,14 +171,13 @@ class Dispatcher:
 
     def _prepare(self, m: Inbound) -> _Request:
         topics = self.topics
-        reply_topic = topics.default_reply(m.topic)
         bad_response_topic = False
-        if m.response_topic is not None:
-            if topics.reply_allowed(m.response_topic):
-                reply_topic = m.response_topic
-            else:
-                bad_response_topic = True
-        r = _Request(msg=m, reply_topic=reply_topic)
+        if m.response_topic is not None and topics.reply_allowed(m.response_topic):
+            reply_topic = m.response_topic
+        else:
+            bad_response_topic = m.response_topic is not None
+            reply_topic = topics.default_reply(m.topic)
+        r = _Request(m, reply_topic)
         try:
             r.route = topics.parse(m.topic)
             r.data = decode_object(

@@ -207,14 +207,15 @@ class MqttLink:
         # everything queued behind it waits too (so a PUBACK never overtakes its reply)
         self._out: deque[tuple[bytes, int]] = deque()
         self._flush_scheduled = False
-        self._pending: dict[int, asyncio.Future[None]] = {}
+        # packet id -> the future of whoever awaits its PUBACK (None: nobody, a reply)
+        self._pending: dict[int, asyncio.Future[None] | None] = {}
         self._inflight = 0
         self._send_quota = 65_535
         self._next_id = 0
         self._low_water: int | None = None
         self._capacity = asyncio.Event()
         self._last_rx = self._last_tx = time.monotonic()
-        self._topic_bytes: dict[str, bytes] = {}
+        self._topic_headers: dict[str, bytes] = {}
 
     # state --------------------------------------------------------------------------------
 
@@ -379,7 +380,10 @@ class MqttLink:
         """Publish ``offline`` (retained), wait briefly for pending PUBACKs, DISCONNECT."""
         with contextlib.suppress(PublishError):
             fut = self.publish(self._status_topic, self._offline_payload, retain=True)
-            waits: list[asyncio.Future[Any]] = [fut, *self._pending.values()]
+            waits: list[asyncio.Future[Any]] = [
+                fut,
+                *(f for f in self._pending.values() if f is not None),
+            ]
             await asyncio.wait(waits, timeout=2.0)
         self._write(mqtt5.encode_disconnect())
         if self._wire is not None:
@@ -408,7 +412,7 @@ class MqttLink:
         self._out.clear()
         self._inflight = 0
         for fut in self._pending.values():
-            if not fut.done():
+            if fut is not None and not fut.done():
                 fut.set_exception(PublishError("connection lost before PUBACK"))
                 fut.exception()  # retrieved: callers may have stopped caring
         self._pending.clear()
@@ -464,11 +468,11 @@ class MqttLink:
         )
 
     def _puback(self, pkt: Ack) -> None:
-        fut = self._pending.pop(pkt.packet_id, None)
-        if fut is None:
+        if pkt.packet_id not in self._pending:
             return
+        fut = self._pending.pop(pkt.packet_id)
         self._inflight -= 1
-        if not fut.done():
+        if fut is not None and not fut.done():
             if pkt.reasons and pkt.reasons[0] >= 0x80:
                 fut.set_exception(PublishError(f"broker refused publish: 0x{pkt.reasons[0]:02x}"))
                 fut.exception()
@@ -533,15 +537,9 @@ class MqttLink:
         """Queue a publish now; the future resolves at PUBACK (at once for QoS 0)."""
         if self._wire is None or self._lost is None or self._lost.done():
             raise PublishError("not connected to the broker")
-        tb = self._topic_bytes.get(topic)
-        if tb is None:
-            tb = topic.encode()
-            if len(self._topic_bytes) < 10_000:
-                self._topic_bytes[topic] = tb
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         packet_id = self._packet_id() if qos else 0
         packet = mqtt5.encode_publish(
-            tb,
+            self._topic_header(topic),
             payload,
             packet_id=packet_id,
             qos=qos,
@@ -549,6 +547,7 @@ class MqttLink:
             correlation=correlation,
             expiry_s=expiry_s,
         )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if qos:
             self._pending[packet_id] = fut
         else:
@@ -556,6 +555,32 @@ class MqttLink:
         self._out.append((packet, 1 if qos else 0))
         self._schedule_flush()
         return fut
+
+    def reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        """A QoS 1 reply nobody awaits: like ``publish`` without a future (the hot path)."""
+        if self._wire is None or self._lost is None or self._lost.done():
+            raise PublishError("not connected to the broker")
+        packet_id = self._packet_id()
+        self._pending[packet_id] = None
+        self._out.append(
+            (
+                mqtt5.encode_publish(
+                    self._topic_header(topic), payload, packet_id=packet_id, correlation=correlation
+                ),
+                1,
+            )
+        )
+        if not self._flush_scheduled:
+            self._schedule_flush()
+
+    def _topic_header(self, topic: str) -> bytes:
+        header = self._topic_headers.get(topic)
+        if header is None:
+            header = mqtt5.topic_header(topic)
+            if len(self._topic_headers) >= 20_000:
+                self._topic_headers.clear()
+            self._topic_headers[topic] = header
+        return header
 
     def ack(self, msg: Inbound) -> None:
         """PUBACK ``msg`` if it came on the current connection (else the broker redelivers it)."""

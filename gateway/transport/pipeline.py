@@ -1,10 +1,16 @@
 """The micro-batching pipeline: collect requests, answer each batch, PUBACK in receive order.
 
-A batch is whatever arrived while the previous one was being applied (at most ``batch_max``,
-after waiting at most ``batch_wait`` for company). Its replies are queued without awaiting
-their PUBACKs; then its requests are marked done and acknowledged, always in the order they
-arrived (MQTT 5 §4.6), so a request is never acknowledged before its effect is committed or its
-error reply is on the wire ahead of the PUBACK.
+Requests are sharded by session (``GATEWAY_PIPELINE_DEPTH`` shards): every request about one
+session goes to the same shard, in arrival order, so two batches never wait on each other's
+session locks in PostgreSQL and their statements run on two database backends at once. Each
+shard takes whatever arrived while its previous batch was being applied (at most
+``batch_max``, after waiting at most ``batch_wait`` for company when under load).
+
+A batch's replies are queued without awaiting their PUBACKs; then its requests are marked done
+and acknowledged, always in the order they arrived (MQTT 5 §4.6) across all shards, so a
+request is never acknowledged before its effect is committed or its error reply is on the wire
+ahead of the PUBACK. While PostgreSQL is away a shard holds its batch, unacknowledged, and
+retries with backoff.
 """
 
 from __future__ import annotations
@@ -12,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import zlib
 from collections import deque
 from collections.abc import Sequence
 
+from gateway.core.topics import Topics
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.transport.dispatch import Dispatcher, Reply
@@ -24,7 +32,16 @@ log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
-MAX_UNCONFIRMED_REPLIES = 20_000  # paho's packet ids wrap at 65,535
+MAX_UNCONFIRMED_REPLIES = 20_000  # packet ids wrap at 65,535
+
+
+class _Shard:
+    __slots__ = ("arrived", "busy", "queue")
+
+    def __init__(self) -> None:
+        self.queue: deque[Inbound] = deque()
+        self.arrived = asyncio.Event()
+        self.busy = False
 
 
 class Pipeline:
@@ -35,19 +52,23 @@ class Pipeline:
         link: MqttLink,
         dispatcher: Dispatcher,
         metrics: Metrics,
+        topics: Topics,
         *,
         batch_max: int,
         batch_wait_s: float,
         max_inflight: int = 2_000,
+        depth: int = 2,
     ) -> None:
         self._link = link
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._topics = topics
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
-        self._queue: deque[Inbound] = deque()
+        self._shards = [_Shard() for _ in range(depth)]
+        self._shard_by_topic: dict[str, _Shard] = {}
+        self._queued = 0
         self._unacked: deque[Inbound] = deque()
-        self._arrived = asyncio.Event()
         self._stopping = asyncio.Event()
         self.store_ok = True
         # flow control: past max_inflight unacknowledged requests we stop reading the socket
@@ -57,12 +78,26 @@ class Pipeline:
 
     # fed by the link ----------------------------------------------------------------------
 
+    def _shard_of(self, msg: Inbound) -> _Shard:
+        shard = self._shard_by_topic.get(msg.topic)
+        if shard is None:
+            shards = self._shards
+            route = self._topics.parse(msg.topic)
+            key = route and (route.session_id or route.record_id)
+            shard = shards[zlib.crc32(key.encode()) % len(shards)] if key else shards[0]
+            if len(self._shard_by_topic) >= 50_000:
+                self._shard_by_topic.clear()
+            self._shard_by_topic[msg.topic] = shard
+        return shard
+
     def submit(self, msg: Inbound) -> None:
-        self._queue.append(msg)
+        shard = self._shard_of(msg)
+        shard.queue.append(msg)
+        self._queued += 1
         if msg.qos:
             self._unacked.append(msg)
-        self._arrived.set()
-        if not self._paused and len(self._queue) + len(self._unacked) >= 2 * self._max_inflight:
+        shard.arrived.set()
+        if not self._paused and self._queued + len(self._unacked) >= 2 * self._max_inflight:
             self._paused = True
             self._link.pause_reading()
             self._metrics.inc("gateway_read_pauses_total")
@@ -70,41 +105,66 @@ class Pipeline:
     def connection_lost(self) -> None:
         """Forget what the old connection delivered: the broker redelivers it, unacknowledged."""
         self._unacked.clear()
-        self._queue.clear()
+        for shard in self._shards:
+            shard.queue.clear()
+        self._queued = 0
         self._paused = False
 
     @property
     def backlog(self) -> int:
-        return len(self._queue)
+        return self._queued
 
     @property
     def unacked(self) -> int:
         return len(self._unacked)
 
     def stop(self) -> None:
-        """Take no new batch; the one in hand is finished and acknowledged."""
+        """Take no new batch; the ones in hand are finished and acknowledged."""
         self._stopping.set()
-        self._arrived.set()
+        for shard in self._shards:
+            shard.arrived.set()
 
     # the loop -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        workers = [
+            asyncio.create_task(self._work(shard), name=f"pipeline-{i}")
+            for i, shard in enumerate(self._shards)
+        ]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+
+    async def _work(self, shard: _Shard) -> None:
+        queue = shard.queue
         while not self._stopping.is_set():
-            if not self._queue:
-                self._arrived.clear()
-                await self._arrived.wait()
+            if not queue:
+                shard.arrived.clear()
+                await shard.arrived.wait()
                 if self._stopping.is_set():
                     break
-                if self._batch_wait_s > 0 and len(self._queue) < self._batch_max:
+                # Under load (another shard busy) wait a moment for company; idle, answer now.
+                if (
+                    self._batch_wait_s > 0
+                    and len(queue) < self._batch_max
+                    and any(s.busy for s in self._shards)
+                ):
                     await asyncio.sleep(self._batch_wait_s)
-            if not self._queue:
+            if not queue:
                 continue
-            n = min(len(self._queue), self._batch_max)
-            batch = [self._queue.popleft() for _ in range(n)]
-            replies = await self._apply(batch)
-            if replies is None:
-                return  # stopped while the database was away: nothing acknowledged
-            await self._answer(batch, replies)
+            n = min(len(queue), self._batch_max)
+            batch = [queue.popleft() for _ in range(n)]
+            self._queued -= n
+            shard.busy = True
+            try:
+                replies = await self._apply(batch)
+                if replies is None:
+                    return  # stopped while the database was away: nothing acknowledged
+                await self._answer(batch, replies)
+            finally:
+                shard.busy = False
 
     async def _apply(self, batch: Sequence[Inbound]) -> list[Reply] | None:
         delay = RETRY_INITIAL_S
@@ -139,7 +199,7 @@ class Pipeline:
             await link.confirmations_below(MAX_UNCONFIRMED_REPLIES // 2)
         for msg, reply in zip(batch, replies, strict=True):
             try:
-                link.publish(reply.topic, reply.payload, correlation=reply.correlation)
+                link.reply(reply.topic, reply.payload, reply.correlation)
             except PublishError:
                 # Not connected: the request stays unacknowledged and will be redelivered.
                 self._metrics.inc("gateway_replies_lost_total")
@@ -151,6 +211,6 @@ class Pipeline:
         link = self._link
         while unacked and unacked[0].done:
             link.ack(unacked.popleft())
-        if self._paused and len(self._queue) + len(unacked) < self._max_inflight:
+        if self._paused and self._queued + len(unacked) < self._max_inflight:
             self._paused = False
             link.resume_reading()

@@ -1,0 +1,460 @@
+"""``make bench``: the whole stack on this machine, three responders under the same load.
+
+    python -m bench [--records N] [--rate R] [--devices D] [--only gateway,echo,naive]
+                    [--soak SECONDS] [--smoke] [--profile]
+
+For each responder (the gateway; the echo ceiling on paho; the naive per-message baseline) it
+starts a fresh process, warms it up, then drives the same fleet of simulated devices (MQTT 5
+over WebSocket) through it, and prints records/s, reply latency p50/p99, CPU microseconds per
+record of every process involved (responder, load generator, broker, database), peak RSS, the
+ratios gateway/echo and gateway/naive, which process limits the figure, and, for the gateway,
+whether the database holds exactly the records sent with totals equal to the ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from gateway.core.auth import mint_token
+from gateway.core.seedfile import SeedFile
+from gateway.devstack import MosquittoServer, PostgresServer, free_port
+from gateway.simulate import FleetPlan, FleetSummary, open_sessions, planned_requests, run_fleet
+from gateway.store.migrate import migrate
+from gateway.store.postgres import PostgresStore
+
+PREFIX = "hydrobit/v2"
+SECRET = "bench-secret-" + "0" * 40
+TICK = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent
+
+
+def cpu_seconds(pid: int) -> float:
+    with contextlib.suppress(OSError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    return 0.0
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    return {p: cpu_seconds(p) for p in [pid, *children(pid)]}
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class Run:
+    responder: str
+    records: int
+    summary: dict[str, Any]
+    cpu_us: dict[str, float]
+    utilisation: dict[str, float]
+    peak_rss_mib: float
+    rss_samples_mib: list[float] = field(default_factory=list)
+    exact: str = "n/a"
+    batches: str = ""
+
+    @property
+    def rate(self) -> float:
+        return float(self.summary["rate"])
+
+
+class Stack:
+    """PostgreSQL and Mosquitto for the whole benchmark, and a tenant per responder."""
+
+    def __init__(self, base: Path, *, fsync: bool) -> None:
+        self.pg = PostgresServer(base / "pg", fsync=fsync)
+        self.broker = MosquittoServer(base / "mq")
+        self.dsn = ""
+
+    def __enter__(self) -> Stack:
+        self.pg.start()
+        self.dsn = self.pg.create_database("bench")
+        asyncio.run(migrate(self.dsn))
+        self.broker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.broker.stop()
+        self.pg.remove()
+
+    @property
+    def postmaster(self) -> int:
+        assert self.pg._proc is not None
+        return self.pg._proc.pid
+
+    @property
+    def mosquitto(self) -> int:
+        assert self.broker._proc is not None
+        return self.broker._proc.pid
+
+    def tenant(self, sectors: int) -> tuple[str, str, list[str]]:
+        """(user, project, sector ids) of a fresh tenant."""
+        tag = secrets.token_hex(4)
+        seed = {
+            "companies": [{"companyId": f"bench_{tag}", "name": "Bench Farms"}],
+            "users": [{"auth0Id": f"bench_user_{tag}", "companyId": f"bench_{tag}"}],
+            "projects": [
+                {
+                    "projectId": f"bench_proj_{tag}",
+                    "companyId": f"bench_{tag}",
+                    "name": "Bench",
+                    "timezone": "UTC",
+                    "pricePerUnit": 1.5,
+                    "maxDurationHours": 24,
+                    "sectors": [
+                        {"sectorId": f"s{i:03d}", "sector_name": f"Sector {i}"}
+                        for i in range(sectors)
+                    ],
+                }
+            ],
+        }
+
+        async def apply() -> None:
+            store = await PostgresStore.connect(self.dsn, max_size=1)
+            try:
+                await store.seed(SeedFile.model_validate(seed))
+            finally:
+                await store.close()
+
+        asyncio.run(apply())
+        return f"bench_user_{tag}", f"bench_proj_{tag}", [f"s{i:03d}" for i in range(sectors)]
+
+
+@contextlib.contextmanager
+def responder(name: str, stack: Stack, log_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    host, port = "127.0.0.1", str(stack.broker.tcp_port)
+    if name == "gateway":
+        http = free_port()
+        env |= {
+            "GATEWAY_DATABASE_URL": stack.dsn,
+            "GATEWAY_MQTT_URL": stack.broker.url,
+            "GATEWAY_MQTT_CLIENT_ID": f"bench-gateway-{secrets.token_hex(3)}",
+            "GATEWAY_JWT_SECRET": SECRET,
+            "GATEWAY_HTTP_PORT": str(http),
+            "GATEWAY_LOG_LEVEL": "WARNING",
+        }
+        cmd = [sys.executable, "-m", "gateway.cli", "run"]
+    elif name == "echo":
+        cmd = [sys.executable, "-m", "bench.echo", host, port, PREFIX]
+    elif name == "fastecho":
+        cmd = [sys.executable, "-m", "bench.fastecho", stack.broker.url, PREFIX]
+    else:
+        cmd = [sys.executable, "-m", "bench.naive", host, port, PREFIX, stack.dsn]
+    log = open(log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, cwd=ROOT.parent)
+    try:
+        if name == "gateway":
+            _HTTP_PORTS[proc.pid] = http
+            _wait_http(http, proc)
+        else:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if b"ready" not in line:
+                raise RuntimeError(f"{name} did not start: see {log_dir / f'{name}.log'}")
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+_HTTP_PORTS: dict[int, int] = {}
+
+
+def http_port_of(proc: subprocess.Popen[bytes]) -> int:
+    return _HTTP_PORTS.get(proc.pid, 0)
+
+
+def _batch_stats(port: int) -> str:
+    """Average batch size and count, from the gateway's own /metrics."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return ""
+    values = dict(
+        line.split(" ", 1) for line in text.splitlines() if line.startswith("gateway_batch_size_")
+    )
+    count = float(values.get("gateway_batch_size_count", 0))
+    total = float(values.get("gateway_batch_size_sum", 0))
+    return f"{count:.0f} batches, {total / max(count, 1):.0f} requests each on average"
+
+
+def _wait_http(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import urllib.request
+
+    for _ in range(300):
+        if proc.poll() is not None:
+            raise RuntimeError("the gateway exited during startup")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        time.sleep(0.1)
+    raise RuntimeError("the gateway did not become ready")
+
+
+def measure(name: str, stack: Stack, args: argparse.Namespace, log_dir: Path) -> Run:
+    user, project, sectors = stack.tenant(args.devices)
+    token = mint_token(SECRET, user, ttl_s=3 * 3600)
+    with responder(name, stack, log_dir) as proc:
+        ws = f"ws://127.0.0.1:{stack.broker.ws_port}/mqtt"
+        if name == "gateway":
+            sessions = open_sessions(ws, PREFIX, token, project, sectors)
+        else:
+            sessions = [secrets.token_hex(12) for _ in sectors]
+        plan = FleetPlan(
+            host="127.0.0.1",
+            port=stack.broker.tcp_port if args.tcp else stack.broker.ws_port,
+            path=None if args.tcp else "/mqtt",
+            prefix=PREFIX,
+            token=token,
+            sessions=sessions,
+            devices=args.devices,
+            records=max(500, args.records // 20),
+            rate=args.rate,
+            window=args.window,
+            processes=args.fleet_processes,
+        )
+        run_fleet(plan, show_progress=False)  # warm up: caches, connections, first-call paths
+        # the naive baseline commits (and fsyncs) once per message: a smaller run says enough
+        plan.records = min(args.records, args.naive_records) if name == "naive" else args.records
+        plan.run_id = secrets.token_hex(3)
+        pids = {"responder": proc.pid, "broker": stack.mosquitto}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        pg_before = tree_cpu(stack.postmaster)
+        samples: list[float] = []
+        stop = False
+
+        def sample() -> None:
+            while not stop:
+                samples.append(rss_kib(proc.pid) / 1024)
+                time.sleep(args.rss_every)
+
+        import threading
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        profiler = _start_profiler(proc.pid, log_dir, name) if args.profile else None
+        summary = run_fleet(plan, show_progress=True)
+        stop = True
+        sampler.join(5)
+        if profiler is not None:
+            profiler.wait(60)
+        after = {k: cpu_seconds(p) for k, p in pids.items()}
+        pg_after = tree_cpu(stack.postmaster)
+        cpu = {k: after[k] - before[k] for k in pids}
+        cpu["database"] = sum(v - pg_before.get(p, 0.0) for p, v in pg_after.items())
+        cpu["fleet"] = summary.fleet_cpu_s
+        n = max(1, summary.replies)
+        run = Run(
+            responder=name,
+            records=planned_requests(plan),
+            summary=asdict(summary),
+            cpu_us={k: 1e6 * v / n for k, v in cpu.items()},
+            utilisation={k: v / max(summary.wall_s, 1e-9) for k, v in cpu.items()},
+            peak_rss_mib=rss_kib(proc.pid, "VmHWM") / 1024,
+            rss_samples_mib=samples,
+        )
+        if name == "gateway":
+            run.exact = asyncio.run(check_exact(stack.dsn, sessions, plan.run_id, summary))
+            run.batches = _batch_stats(http_port_of(proc))
+        return run
+
+
+def _start_profiler(pid: int, log_dir: Path, name: str) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("py-spy not installed (pip install py-spy); no profile", file=sys.stderr)
+        return None
+    out = log_dir / f"{name}-profile.txt"
+    return subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", "8", "-r", "250", "-f", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def check_exact(dsn: str, sessions: list[str], run_id: str, summary: FleetSummary) -> str:
+    """Stored records of this run == distinct records sent; totals == ledger for every session."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM production_records WHERE client_event_id LIKE $1",
+            f"sim-{run_id}-%",
+        )
+        drift = await conn.fetchval(
+            """SELECT count(*) FROM production_sessions s
+               WHERE s.session_id = ANY($1::text[]) AND (s.total_units, s.total_records) <>
+                     (SELECT coalesce(sum(units), 0), count(*) FILTER (WHERE kind = 'record')
+                      FROM production_records r WHERE r.session_id = s.session_id)""",
+            sessions,
+        )
+    finally:
+        await conn.close()
+    distinct = summary.sent - summary.idempotent
+    ok = stored == distinct and drift == 0 and summary.errors == 0
+    verdict = "EXACT" if ok else "MISMATCH"
+    return f"{verdict}: {stored} stored / {distinct} distinct sent, {drift} sessions drifting"
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> str:
+    lines = []
+    head = (
+        f"{'responder':<9} {'records/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'resp us/rec':>11} {'fleet':>6} {'broker':>6} {'db':>6} {'peak RSS':>9}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in runs:
+        s = r.summary
+        lines.append(
+            f"{r.responder:<9} {s['rate']:>10,.0f} {s['p50_ms']:>7.1f} {s['p99_ms']:>7.1f} "
+            f"{r.cpu_us['responder']:>11.1f} {r.cpu_us['fleet']:>6.1f} "
+            f"{r.cpu_us['broker']:>6.1f} {r.cpu_us['database']:>6.1f} "
+            f"{r.peak_rss_mib:>7.0f} MiB"
+        )
+    by = {r.responder: r for r in runs}
+    lines.append("")
+    for r in runs:
+        busiest = max(r.utilisation, key=lambda k: r.utilisation[k])
+        total = sum(r.utilisation.values())
+        lines.append(
+            f"{r.responder}: CPU in use {total:.2f} of {os.cpu_count()} cores "
+            f"(responder {r.utilisation['responder']:.2f}, fleet {r.utilisation['fleet']:.2f}, "
+            f"broker {r.utilisation['broker']:.2f}, database {r.utilisation['database']:.2f}); "
+            f"busiest process: {busiest}"
+        )
+        if r.errors_or_unanswered():
+            lines.append(f"  !! {r.errors_or_unanswered()}")
+    if "gateway" in by:
+        g = by["gateway"]
+        lines.append(f"gateway exactness: {g.exact}")
+        if g.batches:
+            lines.append(f"gateway batches: {g.batches}")
+        for other in ("echo", "naive"):
+            if other in by:
+                o = by[other]
+                lines.append(
+                    f"gateway/{other}: rate x{g.rate / max(1e-9, o.rate):.2f}, "
+                    f"CPU per record x{g.cpu_us['responder'] / max(1e-9, o.cpu_us['responder']):.2f}"
+                )
+        if g.rss_samples_mib:
+            lo, hi = min(g.rss_samples_mib), max(g.rss_samples_mib)
+            lines.append(
+                f"gateway RSS over the run: {g.rss_samples_mib[0]:.0f} -> "
+                f"{g.rss_samples_mib[-1]:.0f} MiB (min {lo:.0f}, max {hi:.0f}, "
+                f"spread {100 * (hi - lo) / max(lo, 1):.0f} %)"
+            )
+    mode = f"offered {args.rate:,.0f} records/s" if args.rate else "saturation"
+    lines.insert(
+        0,
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}; {mode}, {args.devices} devices, "
+        f"{args.records} records per run\n",
+    )
+    return "\n".join(lines)
+
+
+def _errors(self: Run) -> str:
+    s = self.summary
+    problems = []
+    if s["errors"]:
+        problems.append(f"{s['errors']} error replies")
+    if s["replies"] < s["sent"]:
+        problems.append(f"{s['sent'] - s['replies']} unanswered")
+    return ", ".join(problems)
+
+
+Run.errors_or_unanswered = _errors  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--records", type=int, default=60_000)
+    p.add_argument("--rate", type=float, default=0.0, help="offered records/s; 0 = saturate")
+    p.add_argument("--devices", type=int, default=16)
+    p.add_argument("--window", type=int, default=100, help="unanswered requests per device")
+    p.add_argument("--fleet-processes", type=int, default=1)
+    p.add_argument("--naive-records", type=int, default=2_000)
+    p.add_argument("--tcp", action="store_true", help="devices on plain MQTT/TCP, not WebSocket")
+    p.add_argument("--only", default="gateway,echo,naive")
+    p.add_argument("--soak", type=float, default=0.0, help="seconds: a long gateway-only run")
+    p.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
+    p.add_argument("--profile", action="store_true", help="py-spy the responder (8 s)")
+    p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--rss-every", type=float, default=1.0)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.records, args.devices = 600, 4
+    if args.soak:
+        args.only = "gateway"
+        args.rate = args.rate or 5000.0
+        args.records = int(args.soak * args.rate)
+        args.rss_every = 10.0
+    names = [n for n in args.only.split(",") if n]
+    base = Path(tempfile.mkdtemp(prefix="hydrobit-bench-"))
+    log_dir = ROOT / "results"
+    log_dir.mkdir(exist_ok=True)
+    runs = []
+    try:
+        with Stack(base, fsync=args.fsync) as stack:
+            for name in names:
+                print(f"--- {name} ---", file=sys.stderr)
+                runs.append(measure(name, stack, args, log_dir))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    text = report(runs, args)
+    print(text)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    (log_dir / f"bench-{stamp}.json").write_text(
+        json.dumps({"args": vars(args), "runs": [asdict(r) for r in runs]}, indent=2)
+    )
+    (log_dir / f"bench-{stamp}.txt").write_text(text + "\n")
+    bad = [r for r in runs if r.errors_or_unanswered()] or [
+        r for r in runs if r.exact.startswith("MISMATCH")
+    ]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,1 +1,1 @@
-"""Benchmarks: ``make bench`` (``python -m bench``). Figures, not tests: nothing here asserts a time."""
+"""Benchmarks: ``make bench`` (``python -m bench``). Figures, not tests: nothing asserts a time."""

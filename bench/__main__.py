@@ -91,6 +91,15 @@ class Run:
     def rate(self) -> float:
         return float(self.summary["rate"])
 
+    def errors_or_unanswered(self) -> str:
+        s = self.summary
+        problems = []
+        if s["errors"]:
+            problems.append(f"{s['errors']} error replies")
+        if s["replies"] < s["sent"]:
+            problems.append(f"{s['sent'] - s['replies']} unanswered")
+        return ", ".join(problems)
+
 
 class Stack:
     """PostgreSQL and Mosquitto for the whole benchmark, and a tenant per responder."""
@@ -226,10 +235,12 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes]) -> None:
     for _ in range(300):
         if proc.poll() is not None:
             raise RuntimeError("the gateway exited during startup")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r,
+        ):
+            if r.status == 200:
+                return
         time.sleep(0.1)
     raise RuntimeError("the gateway did not become ready")
 
@@ -374,9 +385,10 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         for other in ("echo", "naive"):
             if other in by:
                 o = by[other]
+                cpu_ratio = g.cpu_us["responder"] / max(1e-9, o.cpu_us["responder"])
                 lines.append(
                     f"gateway/{other}: rate x{g.rate / max(1e-9, o.rate):.2f}, "
-                    f"CPU per record x{g.cpu_us['responder'] / max(1e-9, o.cpu_us['responder']):.2f}"
+                    f"CPU per record x{cpu_ratio:.2f}"
                 )
         if g.rss_samples_mib:
             lo, hi = min(g.rss_samples_mib), max(g.rss_samples_mib)
@@ -393,19 +405,6 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         f"{args.records} records per run\n",
     )
     return "\n".join(lines)
-
-
-def _errors(self: Run) -> str:
-    s = self.summary
-    problems = []
-    if s["errors"]:
-        problems.append(f"{s['errors']} error replies")
-    if s["replies"] < s["sent"]:
-        problems.append(f"{s['sent'] - s['replies']} unanswered")
-    return ", ".join(problems)
-
-
-Run.errors_or_unanswered = _errors  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:

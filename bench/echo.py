@@ -1,5 +1,8 @@
 """The ceiling: a paho MQTT 5 responder that answers every record at once (no validation, no
-database), subscribed like the gateway (shared, QoS 1). ``python -m bench.echo HOST PORT PREFIX``."""
+database), subscribed like the gateway (shared, QoS 1).
+
+    python -m bench.echo HOST PORT PREFIX
+"""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ async def main(host: str, port: int, prefix: str, dsn: str) -> None:
         await client.subscribe(f"$share/bench-naive/{prefix}/sessions/+/records", qos=1)
         print("ready", flush=True)
         async for msg in client.messages:
-            body = orjson.loads(msg.payload)  # type: ignore[arg-type]
+            body = orjson.loads(msg.payload)
             session_id = str(msg.topic).split("/")[-2]
             new = await conn.fetchval(
                 INSERT,

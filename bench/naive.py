@@ -5,6 +5,7 @@ PREFIX DSN``."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 
 import aiomqtt
@@ -25,8 +26,13 @@ async def main(host: str, port: int, prefix: str, dsn: str) -> None:
 
     conn = await asyncpg.connect(dsn)
     await conn.execute(SCHEMA)
+    nodelay = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     async with aiomqtt.Client(
-        host, port, identifier="bench-naive", protocol=aiomqtt.ProtocolVersion.V5
+        host,
+        port,
+        identifier="bench-naive",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        socket_options=[nodelay],
     ) as client:
         await client.subscribe(f"$share/bench-naive/{prefix}/sessions/+/records", qos=1)
         print("ready", flush=True)

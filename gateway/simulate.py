@@ -453,6 +453,8 @@ class _Worker:
     def send_due(self, started: float) -> None:
         plan, result = self.plan, self.result
         due = int((time.perf_counter() - started) * self.rate) - result.sent if self.rate else 0
+        if self.rate and due <= 0:
+            return
         for i, c in enumerate(self.conns):
             q = self.queues[i]
             room = len(q) - self.next_i[i]
@@ -513,8 +515,11 @@ class _Worker:
         while result.replies < self.total:
             if result.sent < self.total:
                 self.send_due(t0)
-            busy = self.rate or result.sent < self.total
-            if self.receive(0.001 if busy else 0.05):
+            # offered rate: send in small bursts (every 2 ms) rather than spinning
+            timeout = 0.002 if self.rate and result.sent < self.total else 0.05
+            if not self.rate and result.sent < self.total:
+                timeout = 0.001
+            if self.receive(timeout):
                 last_reply = time.perf_counter()
             if time.perf_counter() - last_reply > 60:
                 break  # the responder went silent: report what we have

@@ -368,6 +368,9 @@ def decode_publish(first: int, buf: bytes, pos: int, end: int) -> Publish:
     plen = buf[pos]
     if plen < 0x80:
         pos += 1
+    elif pos + 1 < end and buf[pos + 1] < 0x80:
+        plen = (plen & 0x7F) | (buf[pos + 1] << 7)
+        pos += 2
     else:
         vi = read_varint(buf, pos)
         if vi is None:
@@ -478,6 +481,9 @@ class PacketReader:
                 length = data[pos + 1]
                 if length < 0x80:
                     start = pos + 2
+                elif n - pos > 2 and data[pos + 2] < 0x80:  # two-byte length: most requests
+                    length = (length & 0x7F) | (data[pos + 2] << 7)
+                    start = pos + 3
                 else:
                     vi = read_varint(data, pos + 1)
                     if vi is None:

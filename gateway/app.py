@@ -19,10 +19,12 @@ import orjson
 from gateway import __version__
 from gateway.config import Settings
 from gateway.core.auth import KeyRing, TokenVerifier
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Limits, iso
 from gateway.core.topics import Topics
 from gateway.deadletters import DeadLetterWriter
 from gateway.errors import ConfigError, StoreUnavailable
+from gateway.jwks import JwksLocation, load_keys
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher, Sweeper
 from gateway.service import Service
@@ -47,7 +49,11 @@ def limits_from(settings: Settings) -> Limits:
 
 
 def verifier_from(settings: Settings) -> TokenVerifier:
+    """The verifier with the HS256 secret; JWKS keys arrive later (``load_keys`` in ``run``),
+    but a bad GATEWAY_JWT_JWKS location is refused here, before anything starts."""
     settings.require_jwt_keys()
+    if settings.jwt_jwks:
+        JwksLocation.parse(settings.jwt_jwks)
     keys = KeyRing(secret=settings.jwt_secret)
     return TokenVerifier(
         keys,
@@ -127,15 +133,20 @@ class Gateway:
             }
         )
 
-    def ready(self) -> dict[str, bool]:
-        return {
-            "database": self.store is not None
-            and (self.pipeline is None or self.pipeline.store_ok),
-            "broker": self.link is not None and self.link.connected,
-        }
+    async def ready(self) -> dict[str, bool]:
+        """For /readyz: the database answers a query now, and the broker link is up."""
+        database = False
+        if self.store is not None:
+            try:
+                await asyncio.wait_for(self.store.ping(), 2)
+                database = True
+            except Exception:
+                database = False
+        return {"database": database, "broker": self.link is not None and self.link.connected}
 
     async def run(self, on_started: Callable[[Gateway], Any] | None = None) -> None:
         s = self.settings
+        jwks = await load_keys(s, self.verifier)  # before serving: tokens need these keys
         store = await connect_store(s, self._stopping)
         if store is None:
             return
@@ -149,6 +160,7 @@ class Gateway:
             max_payload_bytes=s.max_payload_bytes,
             max_json_depth=s.max_json_depth,
             on_refused=dead_letters,
+            limiter=RateLimiter(s.rate_limit_per_s, s.rate_limit_burst),
         )
         link = MqttLink(
             s,
@@ -203,6 +215,8 @@ class Gateway:
                 name="cache-notifications",
             ),
         }
+        if jwks is not None:
+            tasks["jwks"] = asyncio.create_task(jwks.run(), name="jwks-refresh")
         try:
             await link.wait_connected()
             self.started.set()

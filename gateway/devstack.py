@@ -276,32 +276,93 @@ class PostgresServer:
         self.start()
 
 
+# options that belong to the listener above them (dropped with a listener that is not used)
+_LISTENER_OPTIONS = frozenset(
+    {
+        "protocol",
+        "certfile",
+        "keyfile",
+        "cafile",
+        "capath",
+        "crlfile",
+        "ciphers",
+        "ciphers_tls1.3",
+        "dhparamfile",
+        "require_certificate",
+        "tls_version",
+        "tls_engine",
+        "tls_keyform",
+        "use_identity_as_username",
+        "use_subject_as_username",
+        "use_username_as_clientid",
+        "http_dir",
+        "socket_domain",
+        "bind_interface",
+        "max_connections",
+        "mount_point",
+        "psk_hint",
+    }
+)
+
+
 def render_mosquitto_config(
-    source: Path, *, tcp_port: int, ws_port: int, state_dir: Path, as_root: bool
+    source: Path,
+    *,
+    tcp_port: int,
+    ws_port: int,
+    state_dir: Path,
+    as_root: bool,
+    tls_port: int | None = None,
+    wss_port: int | None = None,
+    certs_dir: Path | None = None,
+    password_file: Path | None = None,
 ) -> str:
-    """The project's broker config with loopback ports and private paths substituted."""
+    """The project's broker config with loopback ports and private paths substituted.
+
+    Listeners 1883 and 9001 move to ``tcp_port`` and ``ws_port``; the TLS listeners 8883 (mqtts)
+    and 9443 (wss) move to ``tls_port`` and ``wss_port`` when these and ``certs_dir`` are given,
+    with their certfile, keyfile and cafile taken from ``certs_dir`` (same file names). Any other
+    listener is commented out together with its listener options. ``password_file`` replaces the
+    config's password file.
+    """
     ports = {"1883": tcp_port, "9001": ws_port}
+    if tls_port and certs_dir is not None:
+        ports["8883"] = tls_port
+    if wss_port and certs_dir is not None:
+        ports["9443"] = wss_port
     out: list[str] = []
+    in_dropped_listener = False
+    password_written = False
     for line in source.read_text().splitlines():
         words = line.split()
         key = words[0] if words and not words[0].startswith("#") else ""
-        if key == "listener" and len(words) >= 2 and words[1] in ports:
+        if key == "listener":
+            in_dropped_listener = not (len(words) >= 2 and words[1] in ports)
+        if key == "listener" and not in_dropped_listener:
             out.append(f"listener {ports[words[1]]} 127.0.0.1")
-        elif key == "listener":
+        elif key == "listener" or (in_dropped_listener and key in _LISTENER_OPTIONS):
             out.append(f"# (not used here) {line}")
         elif key == "persistence_location":
             out.append(f"persistence_location {state_dir}/")
         elif key in ("pid_file", "log_dest", "include_dir", "user"):
             continue
+        elif key == "password_file" and password_file is not None:
+            if not password_written:
+                out.append(f"password_file {password_file}")
+                password_written = True
         elif key in ("password_file", "acl_file") and len(words) >= 2:
             path = Path(words[1])
             if not path.is_absolute():
                 path = source.parent / path
             out.append(f"{key} {path}")
+        elif key in ("certfile", "keyfile", "cafile") and certs_dir is not None and len(words) >= 2:
+            out.append(f"{key} {certs_dir / Path(words[1]).name}")
         elif key in ("certfile", "keyfile", "cafile"):
             out.append(f"# (not used here) {line}")
         else:
             out.append(line)
+    if password_file is not None and not password_written:
+        out.append(f"password_file {password_file}")
     out.append("log_dest stderr")
     if as_root:
         out.append("user root")
@@ -310,12 +371,21 @@ def render_mosquitto_config(
 
 @dataclass
 class MosquittoServer:
-    """A private broker from the project's configuration, on loopback ports."""
+    """A private broker from the project's configuration, on loopback ports.
+
+    With ``certs_dir`` (holding the certfile/keyfile/cafile names the config uses) the config's
+    TLS listeners 8883 and 9443 run too, on ``tls_port`` and ``wss_port`` (free ones when 0);
+    ``password_file`` replaces the config's password file.
+    """
 
     base_dir: Path
     tcp_port: int = 0
     ws_port: int = 0
     config_name: str = "mosquitto.conf"
+    certs_dir: Path | None = None
+    tls_port: int = 0
+    wss_port: int = 0
+    password_file: Path | None = None
     _proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -326,22 +396,37 @@ class MosquittoServer:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.ws_port}/mqtt"
 
+    @property
+    def tls_url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.tls_port}"
+
+    @property
+    def wss_url(self) -> str:
+        return f"wss://127.0.0.1:{self.wss_port}/mqtt"
+
     def start(self) -> MosquittoServer:
         binary = mosquitto_binary()
         self.tcp_port = self.tcp_port or free_port()
         self.ws_port = self.ws_port or free_port()
+        if self.certs_dir is not None:
+            self.tls_port = self.tls_port or free_port()
+            self.wss_port = self.wss_port or free_port()
         state = self.base_dir / "mosquitto"
         state.mkdir(parents=True, exist_ok=True)
         conf = state / "mosquitto.conf"
-        conf.write_text(
-            render_mosquitto_config(
-                data_dir("mosquitto") / self.config_name,
-                tcp_port=self.tcp_port,
-                ws_port=self.ws_port,
-                state_dir=state,
-                as_root=os.geteuid() == 0,
-            )
+        text = render_mosquitto_config(
+            data_dir("mosquitto") / self.config_name,
+            tcp_port=self.tcp_port,
+            ws_port=self.ws_port,
+            state_dir=state,
+            as_root=os.geteuid() == 0,
+            tls_port=self.tls_port or None,
+            wss_port=self.wss_port or None,
+            certs_dir=self.certs_dir,
+            password_file=self.password_file,
         )
+        conf.write_text(text)
+        listening = [line.split()[1] for line in text.splitlines() if line.startswith("listener ")]
         log_file = state / "mosquitto.log"
         with open(log_file, "ab") as out:
             self._proc = subprocess.Popen(
@@ -353,6 +438,9 @@ class MosquittoServer:
         try:
             wait_for_port(self.tcp_port, self._proc, "mosquitto")
             wait_for_port(self.ws_port, self._proc, "mosquitto (websockets)")
+            for port, what in ((self.tls_port, "mqtts"), (self.wss_port, "wss")):
+                if port and str(port) in listening:
+                    wait_for_port(port, self._proc, f"mosquitto ({what})")
         except DevStackError as exc:
             self.stop()
             tail = log_file.read_text(errors="replace")[-2000:]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt import PyJWK, PyJWKSet
 
 from gateway.errors import Unauthorized
@@ -39,8 +40,8 @@ class KeyRing:
     def replace_jwks(self, jwks: Mapping[str, Any]) -> None:
         keys: dict[str, PyJWK] = {}
         for key in PyJWKSet.from_dict(dict(jwks)).keys:
-            if key.key_id and key.algorithm_name in ASYMMETRIC_ALGORITHMS:
-                keys[key.key_id] = key
+            if _verifies(key):
+                keys[str(key.key_id)] = key
         self._by_kid = keys
 
     @property
@@ -49,6 +50,18 @@ class KeyRing:
 
     def by_kid(self, kid: str) -> PyJWK | None:
         return self._by_kid.get(kid)
+
+
+def _verifies(key: PyJWK) -> bool:
+    """A JWKS key a token may name: a string kid, asymmetric, for signatures, public only (a
+    published private key is a leak, and would fail every verification with an odd error)."""
+    return (
+        isinstance(key.key_id, str)
+        and bool(key.key_id)
+        and key.algorithm_name in ASYMMETRIC_ALGORITHMS
+        and key.public_key_use in (None, "sig")
+        and not isinstance(key.key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)
+    )
 
 
 def bearer_token(value: str | None) -> str:
@@ -87,6 +100,12 @@ class TokenVerifier:
         self._cache: dict[str, Claims] = {}
         self._cache_size = cache_size
         self.unknown_kids: set[str] = set()
+        # Told about each unknown kid (e.g. to refresh a JWKS soon); must be quick and not raise.
+        self.on_unknown_kid: Callable[[str], None] | None = None
+
+    def forget_verified(self) -> None:
+        """Drop the remembered tokens, so a key taken out of the JWKS stops verifying at once."""
+        self._cache.clear()
 
     def verify(self, authorization: str | None) -> Claims:
         """The claims of a verified token; the cache is keyed by the whole header value."""
@@ -115,6 +134,8 @@ class TokenVerifier:
             if jwk is None:
                 if len(self.unknown_kids) < 64:  # bounded: kids are attacker-controlled
                     self.unknown_kids.add(kid)
+                if self.on_unknown_kid is not None:
+                    self.on_unknown_kid(kid)
                 raise Unauthorized(f"token signed with unknown key id {kid!r}")
             return jwk, jwk.algorithm_name
         if self.keys.has_jwks and not self.keys.secret:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,10 +36,12 @@ from gateway.core.models import (
     take_envelope,
     validate,
 )
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Principal
 from gateway.core.topics import Op, Route, Topics
 from gateway.errors import (
     InvalidRequest,
+    RateLimited,
     RequestError,
     StoreUnavailable,
     as_request_error,
@@ -112,6 +115,7 @@ class Dispatcher:
         max_payload_bytes: int,
         max_json_depth: int,
         on_refused: Callable[[Refusal], None] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.service = service
         self.verifier = verifier
@@ -119,6 +123,7 @@ class Dispatcher:
         self.max_payload_bytes = max_payload_bytes
         self.max_json_depth = max_json_depth
         self._on_refused = on_refused
+        self._limiter = limiter if limiter is not None and limiter.enabled else None
         self._handlers: dict[Op, OpHandler] = {
             Op.OPEN_SESSION: self._open_session,
             Op.GET_SESSION: self._get_session,
@@ -137,6 +142,8 @@ class Dispatcher:
         """One reply per message, in order. Raises StoreUnavailable with nothing answered."""
         reqs = [self._prepare(m) for m in batch]
         await self._resolve_principals(reqs)
+        if self._limiter is not None:
+            self._rate_limit(reqs)
         records: list[tuple[Sink, RecordRequest]] = []
         bulks: list[tuple[_Request, Bulk]] = []
         others: list[_Request] = []
@@ -234,6 +241,25 @@ class Dispatcher:
         except RequestError as exc:
             r.error = exc
         return True
+
+    def _rate_limit(self, reqs: Sequence[_Request]) -> None:
+        """GATEWAY_RATE_LIMIT_PER_S per user: refused requests are answered, never dropped."""
+        assert self._limiter is not None
+        now = time.monotonic()
+        for r in reqs:
+            if not r.open or r.who is None:
+                continue
+            cost = 1
+            if r.route is not None and r.route.op is Op.BULK_RECORDS and r.data is not None:
+                items = r.data.get("records")
+                cost = max(1, len(items)) if isinstance(items, list) else 1
+            wait = self._limiter.admit(r.who.sub, cost, now)
+            if wait > 0:
+                r.error = RateLimited(
+                    f"too many requests for user {r.who.sub}: retry in {wait:.1f} s "
+                    f"(GATEWAY_RATE_LIMIT_PER_S = {self._limiter.rate:g})",
+                    {"retryAfterS": round(wait, 3)},
+                )
 
     async def _resolve_principals(self, reqs: Sequence[_Request]) -> None:
         asking = [r for r in reqs if r.open and r.claims is not None]

@@ -74,7 +74,7 @@ class HttpSidecar:
         verifier: TokenVerifier,
         metrics: Metrics,
         *,
-        ready: Callable[[], dict[str, bool]],
+        ready: Callable[[], Awaitable[dict[str, bool]]],
         max_payload_bytes: int = 262_144,
         max_json_depth: int = 16,
     ) -> None:
@@ -210,7 +210,7 @@ class HttpSidecar:
         return json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        checks = self._ready()
+        checks = await self._ready()
         ok = all(checks.values())
         return json_response(
             {"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503

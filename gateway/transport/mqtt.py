@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
+SUBACK_PATIENCE_S = 120.0
 
 
 @dataclass(slots=True, eq=False)
@@ -215,6 +216,9 @@ class MqttLink:
         self._low_water: int | None = None
         self._capacity = asyncio.Event()
         self._last_rx = self._last_tx = time.monotonic()
+        self._reading_paused = False  # what the wire is doing
+        self._want_pause = False  # what flow control asked for
+        self._awaiting_pubacks = False
         self._topic_headers: dict[str, bytes] = {}
 
     # state --------------------------------------------------------------------------------
@@ -235,20 +239,43 @@ class MqttLink:
         return len(self._pending)
 
     async def confirmations_below(self, low_water: int) -> None:
-        """Wait until at most ``low_water`` publishes await their PUBACK (or the link drops)."""
-        while len(self._pending) > low_water and self.connected:
-            self._low_water = low_water
-            self._capacity.clear()
-            await self._capacity.wait()
-        self._low_water = None
+        """Wait until at most ``low_water`` publishes await their PUBACK (or the link drops).
+
+        PUBACKs arrive on the same stream as requests: while waiting we must read, even if
+        flow control asked us not to (a paused reader would wait for ever).
+        """
+        self._awaiting_pubacks = True
+        self._apply_reading()
+        try:
+            while len(self._pending) > low_water and self.connected:
+                self._low_water = low_water
+                self._capacity.clear()
+                await self._capacity.wait()
+        finally:
+            self._low_water = None
+            self._awaiting_pubacks = False
+            self._apply_reading()
 
     def pause_reading(self) -> None:
-        if self._wire is not None:
-            self._wire.pause_reading()
+        self._want_pause = True
+        self._apply_reading()
 
     def resume_reading(self) -> None:
+        self._want_pause = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        paused = self._want_pause and not self._awaiting_pubacks
+        if paused == self._reading_paused:
+            return
+        self._reading_paused = paused
+        if not paused:
+            self._last_rx = time.monotonic()
         if self._wire is not None:
-            self._wire.resume_reading()
+            if paused:
+                self._wire.pause_reading()
+            else:
+                self._wire.resume_reading()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -322,7 +349,8 @@ class MqttLink:
                 keepalive=s.mqtt_keepalive_s,
                 clean_start=False,
                 session_expiry=s.mqtt_session_expiry_s,
-                receive_maximum=min(s.max_inflight, 65_535),
+                # no limit asked of the broker (2.0.11 miscounts it): we pause reading instead
+                receive_maximum=65_535,
                 username=s.mqtt_username,
                 password=s.mqtt_password,
                 will=Will(self._status_topic, self._offline_payload, qos=1, retain=True),
@@ -340,20 +368,17 @@ class MqttLink:
             s.mqtt_client_id,
             self.session_present,
         )
+        # Subscribe without waiting: with a session present the broker may send a backlog of
+        # queued requests first, and the SUBACK arrives behind them (we may even have paused
+        # reading). The SUBACK is checked when it comes.
         self._suback = loop.create_future()
         self._write(mqtt5.encode_subscribe(self._packet_id(), self._subscriptions))
-        suback = await self._await(self._suback, "SUBACK")
-        refused = [r for r in suback.reasons if r >= 0x80]
-        if refused:
-            raise ConnectionFailed(
-                f"broker refused {len(refused)} subscription(s) (reason 0x{refused[0]:02x}); "
-                "check the ACL and that shared subscriptions are allowed"
-            )
         self.publish(self._status_topic, self._online_payload(), retain=True)
         self._connected_event.set()
         if self.on_connected:
             self.on_connected(self.session_present)
         keepalive = asyncio.create_task(self._keepalive(), name="mqtt-keepalive")
+        suback = asyncio.create_task(self._check_suback(self._suback), name="mqtt-suback")
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             waits: list[asyncio.Future[Any]] = [stop, self._lost]
@@ -361,9 +386,27 @@ class MqttLink:
         finally:
             stop.cancel()
             keepalive.cancel()
+            suback.cancel()
         if self._lost.done():
             raise ConnectionFailed(f"connection lost: {self._lost.result() or 'closed'}")
         await self._say_goodbye()
+
+    async def _check_suback(self, fut: asyncio.Future[Ack]) -> None:
+        try:
+            suback = await asyncio.wait_for(asyncio.shield(fut), SUBACK_PATIENCE_S)
+        except TimeoutError:
+            log.warning("no SUBACK after %.0f s; carrying on", SUBACK_PATIENCE_S)
+            return
+        refused = [r for r in suback.reasons if r >= 0x80]
+        if refused:
+            log.error(
+                "broker refused %d subscription(s) (reason 0x%02x): check the ACL and that "
+                "shared subscriptions are allowed; reconnecting",
+                len(refused),
+                refused[0],
+            )
+            if self._wire is not None:
+                self._wire.close()
 
     async def _await(self, fut: asyncio.Future[Any], what: str) -> Any:
         assert self._lost is not None
@@ -395,7 +438,7 @@ class MqttLink:
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
-            if now - self._last_rx > interval * 1.5:
+            if not self._reading_paused and now - self._last_rx > interval * 1.5:
                 log.warning("broker silent for %.0f s; reconnecting", now - self._last_rx)
                 if self._wire is not None:
                     self._wire.close()
@@ -409,6 +452,7 @@ class MqttLink:
         if self._wire is not None:
             self._wire.close()
         self._wire = None
+        self._reading_paused = self._want_pause = False
         self._out.clear()
         self._inflight = 0
         for fut in self._pending.values():

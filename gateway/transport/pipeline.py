@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
-MAX_UNCONFIRMED_REPLIES = 20_000  # packet ids wrap at 65,535
+MAX_UNCONFIRMED_REPLIES = 30_000  # packet ids wrap at 65,535
 
 
 class _Shard:

@@ -59,7 +59,7 @@ def test_persistence_location_is_rewritten(rendered: str, tmp_path: Path) -> Non
         ("max_queued_messages", "5000000"),
         ("set_tcp_nodelay", "true"),
         ("autosave_interval", "10"),
-        ("max_inflight_messages", "1000"),
+        ("max_inflight_messages", "0"),
         ("allow_anonymous", "true"),
         ("per_listener_settings", "false"),
     ],

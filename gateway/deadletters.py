@@ -39,10 +39,10 @@ class DeadLetterWriter:
         self._buffer.append(
             DeadLetter(
                 received_at=m.received_at,
-                topic=m.topic,
+                topic=_text(m.topic),
                 reason=refusal.code,
-                message=refusal.message[:1000],
-                auth0_id=refusal.auth0_id,
+                message=_text(refusal.message[:1000]),
+                auth0_id=_text(refusal.auth0_id) if refusal.auth0_id else None,
                 payload=payload[: self._cap],
                 payload_size=len(payload),
                 truncated=len(payload) > self._cap,
@@ -68,13 +68,30 @@ class DeadLetterWriter:
                 log.warning("dead letters wait for the database: %s", exc)
                 return
             except Exception:
-                log.exception("dead letters could not be written; dropping %d", len(batch))
+                await self._one_by_one(batch)
             for _ in batch:
                 self._buffer.popleft()
             self._metrics.inc("gateway_dead_letters_total", len(batch))
+
+    async def _one_by_one(self, batch: list[DeadLetter]) -> None:
+        """A batch the database refused: keep every row it accepts, log the others."""
+        for row in batch:
+            try:
+                await self._store.add_dead_letters([row])
+            except StoreUnavailable:
+                log.warning("dead letters wait for the database")
+                return
+            except Exception:
+                log.exception("dead letter for %s could not be written", row.topic)
+                self._metrics.inc("gateway_dead_letters_dropped_total")
 
     async def close(self) -> None:
         self._stopping = True
         self._wake.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 5)
+
+
+def _text(value: str) -> str:
+    """Text PostgreSQL can store: NUL shown as \\u0000."""
+    return value.replace("\x00", "\\u0000") if "\x00" in value else value

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
 from gateway.core.auth import Claims, TokenVerifier
 from gateway.core.models import (
@@ -27,11 +26,11 @@ from gateway.core.models import (
     ExtendSession,
     OpenSession,
     RecordCommand,
-    RecordWithEnvelope,
     SessionCommand,
     UpdateSession,
     VoidRecord,
     decode_object,
+    parse_record_fast,
     same_id,
     take_envelope,
     validate,
@@ -177,6 +176,18 @@ class Dispatcher:
                 self._refuse_items(r, bulk)
         return [self._reply(r) for r in reqs]
 
+    def fail_all(self, batch: Sequence[Inbound], exc: BaseException) -> list[Reply]:
+        """Every request of a batch answered INTERNAL (a bug, never a data outage): acknowledged
+        rather than redelivered for ever, and kept in the dead-letter table."""
+        replies = []
+        for m in batch:
+            r = _Request(m, self.topics.default_reply(m.topic))
+            if m.response_topic is not None and self.topics.reply_allowed(m.response_topic):
+                r.reply_topic = m.response_topic
+            r.error = as_request_error(exc)
+            replies.append(self._reply(r))
+        return replies
+
     # stage 1: bytes -> request ------------------------------------------------------------
 
     def _prepare(self, m: Inbound) -> _Request:
@@ -223,11 +234,10 @@ class Dispatcher:
 
         False means "take the general path" (which also explains any refusal)."""
         raw = r.msg.payload
-        if len(raw) > self.max_payload_bytes or raw.count(b"{") + raw.count(b"[") > 2:
+        if len(raw) > self.max_payload_bytes:
             return False
-        try:
-            record = RecordWithEnvelope.model_validate_json(raw)
-        except ValidationError:
+        record = parse_record_fast(raw)
+        if record is None:
             return False
         envelope = record.envelope()
         if r.msg.response_topic is None and envelope.reply_to is not None:
@@ -350,7 +360,12 @@ class Dispatcher:
             event_id = r.data.get("clientEventId")
             if isinstance(event_id, str):
                 body["clientEventId"] = event_id
-        return Reply(r.reply_topic, orjson.dumps(body), r.msg.correlation)
+        try:
+            payload = orjson.dumps(body)
+        except TypeError:  # something that is not JSON slipped into the reply: say so plainly
+            log.exception("reply to %s could not be encoded", r.msg.topic)
+            payload = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
+        return Reply(r.reply_topic, payload, r.msg.correlation)
 
     # operations ---------------------------------------------------------------------------
 

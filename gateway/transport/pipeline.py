@@ -187,6 +187,10 @@ class Pipeline:
                     return None
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
+            except Exception as exc:  # a bug: answer INTERNAL rather than die or loop
+                log.exception("a batch of %d requests failed unexpectedly", len(batch))
+                self._metrics.inc("gateway_batch_failures_total")
+                return self._dispatcher.fail_all(batch, exc)
             if not self.store_ok:
                 log.info("database is back; resuming")
             self.store_ok = True

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from gateway.core import rules
 from gateway.core.auth import Claims
@@ -64,8 +64,7 @@ MAX_RECORD_ATTEMPTS = 4
 CACHE_LIMIT = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class RecordRequest:
+class RecordRequest(NamedTuple):
     """One record to create, from a single create or an item of a bulk."""
 
     who: Principal
@@ -202,7 +201,7 @@ class Service:
         # wires them), and the database still decides: inserts are guarded by the session
         # version, and a refusal read from the cache is checked again against the database.
         self.session_cache: dict[str, SessionFacts] = {}
-        self.user_cache: dict[str, str] = {}
+        self.user_cache: dict[str, Principal] = {}
         # called when a request finds an open session past its deadline (wakes the sweeper)
         self.on_expired_seen: Callable[[], None] = lambda: None
 
@@ -218,16 +217,16 @@ class Service:
             found = await self.store.companies_of(sorted(missing))
             if len(cache) + len(found) > CACHE_LIMIT:
                 cache.clear()
-            cache.update(found)
+            cache.update((sub, Principal(sub, company)) for sub, company in found.items())
         out: list[Principal | RequestError] = []
         for claims, auth0_id in asks:
-            company = cache.get(claims.sub)
+            who = cache.get(claims.sub)
             if auth0_id is not None and auth0_id != claims.sub:
                 out.append(Forbidden("auth0Id in the payload differs from the token's subject"))
-            elif company is None:
+            elif who is None:
                 out.append(Forbidden(f"user {claims.sub} is not registered with any company"))
             else:
-                out.append(Principal(claims.sub, company))
+                out.append(who)
         return out
 
     async def principal(self, claims: Claims, auth0_id: str | None = None) -> Principal:

@@ -87,19 +87,16 @@ class _Request:
     def open(self) -> bool:
         return self.error is None and self.body is None
 
+    def settle(self, outcome: RecordOutcome) -> None:
+        """The outcome of this request's record create."""
+        if isinstance(outcome, RequestError):
+            self.error = outcome
+        else:
+            self.body = {"status": "success", "data": outcome.data()}
+
 
 OpHandler = Callable[[_Request], Awaitable[dict[str, Any]]]
 Sink = Callable[[RecordOutcome], None]
-
-
-def _single_sink(r: _Request) -> Sink:
-    def settle(outcome: RecordOutcome) -> None:
-        if isinstance(outcome, RequestError):
-            r.error = outcome
-        else:
-            r.body = {"status": "success", "data": outcome.data()}
-
-    return settle
 
 
 class Dispatcher:
@@ -152,7 +149,7 @@ class Dispatcher:
             assert r.route is not None
             try:
                 if r.route.op is Op.CREATE_RECORD:
-                    records.append((_single_sink(r), self._record_request(r)))
+                    records.append((r.settle, self._record_request(r)))
                 elif r.route.op is Op.BULK_RECORDS:
                     bulk = self._bulk(r, records)
                     bulks.append((r, bulk))

@@ -499,15 +499,15 @@ class MqttLink:
     def _publish_received(self, pkt: Publish, now: datetime) -> None:
         self.on_message(
             Inbound(
-                topic=pkt.topic,
-                payload=pkt.payload,
-                qos=pkt.qos,
-                mid=pkt.packet_id,
-                response_topic=pkt.response_topic,
-                correlation=pkt.correlation,
-                authorization=pkt.authorization,
-                received_at=now,
-                epoch=self._epoch,
+                pkt.topic,
+                pkt.payload,
+                pkt.qos,
+                pkt.packet_id,
+                pkt.response_topic,
+                pkt.correlation,
+                pkt.authorization,
+                now,
+                self._epoch,
             )
         )
 

@@ -158,7 +158,7 @@ upd AS (
     FROM sd WHERE s.session_id = sd.session_id
     RETURNING s.session_id
 )
-SELECT record_id FROM ins
+SELECT coalesce(array_agg(record_id), '{}') FROM ins
 """
 
 
@@ -677,8 +677,8 @@ class PostgresStore:
         # against collections.abc (about 10 us a record); orjson writes the lot in C.
         document = orjson.dumps(rows, default=tuple)
         async with self._hot_conn() as conn:
-            result = await conn.fetch(_INSERT_RECORDS, document.decode())
-        return {r["record_id"] for r in result}
+            inserted: list[str] = await conn.fetchval(_INSERT_RECORDS, document.decode())
+        return set(inserted)
 
     async def existing_records(
         self,

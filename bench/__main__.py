@@ -118,6 +118,9 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.broker.stop()
+        broker_log = self.broker.base_dir / "mosquitto" / "mosquitto.log"
+        with contextlib.suppress(OSError):
+            shutil.copy(broker_log, ROOT / "results" / "mosquitto.log")
         self.pg.remove()
 
     @property

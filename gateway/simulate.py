@@ -161,6 +161,9 @@ class MqttWsConnection:
         self._mqtt = bytearray()  # de-framed MQTT bytes
         self.unacked = 0  # our QoS 1 publishes awaiting the broker's PUBACK
         self.other: list[bytes] = []  # publishes without correlation data
+        self.pongs: list[bytes] = []  # answers to the server's pings, sent by the next read
+        self.received = 0
+        self.last_sent = time.monotonic()
         if self.websocket:
             self._handshake(host, port, path or "/mqtt")
         self.send(connect_packet(client_id))
@@ -215,10 +218,16 @@ class MqttWsConnection:
         finally:
             self.sock.setblocking(True)
         if not data:
-            raise ConnectionError("broker closed the connection")
+            raise ConnectionError(
+                f"broker closed the connection of {self.client_id} "
+                f"({self.received:,} bytes received, {len(self._ws)} unframed)"
+            )
+        self.received += len(data)
         if self.websocket:
             self._ws += data
             self._unframe()
+            while self.pongs:
+                self.sock.sendall(self.pongs.pop(0))
         else:
             self._mqtt += data
         return len(data)
@@ -241,8 +250,12 @@ class MqttWsConnection:
                 hdr = 10
             if len(ws) - pos < hdr + n:
                 break
-            if ws[pos] & 0x0F in (0x1, 0x2, 0x0):  # data frames (server frames are unmasked)
+            opcode = ws[pos] & 0x0F
+            if opcode in (0x1, 0x2, 0x0):  # data frames (server frames are unmasked)
                 out += ws[pos + hdr : pos + hdr + n]
+            elif opcode == 0x9:  # PING: answer PONG with the same payload, or be dropped
+                body = bytes(ws[pos + hdr : pos + hdr + n])
+                self.pongs.append(bytes([0x8A, 0x80 | len(body)]) + b"\x00\x00\x00\x00" + body)
             pos += hdr + n
         del ws[:pos]
 
@@ -449,13 +462,27 @@ class _Worker:
         self.next_i = [0] * len(self.conns)
         self.outstanding = [0] * len(self.conns)
         self.result = WorkerResult()
+        self._turn = 0
+
+    def keep_alive(self) -> None:
+        """PINGREQ from devices that have nothing left to send (keepalive is 60 s)."""
+        now = time.monotonic()
+        for c in self.conns:
+            if now - c.last_sent > 20:
+                c.sock.setblocking(True)
+                c.sock.sendall(c.frame(b"\xc0\x00"))
+                c.sock.setblocking(False)
+                c.last_sent = now
 
     def send_due(self, started: float) -> None:
         plan, result = self.plan, self.result
         due = int((time.perf_counter() - started) * self.rate) - result.sent if self.rate else 0
         if self.rate and due <= 0:
             return
-        for i, c in enumerate(self.conns):
+        n = len(self.conns)
+        self._turn = (self._turn + 1) % n  # a different device goes first each time: fairness
+        for i in [(self._turn + j) % n for j in range(n)]:
+            c = self.conns[i]
             q = self.queues[i]
             room = len(q) - self.next_i[i]
             if self.rate:
@@ -477,6 +504,7 @@ class _Worker:
             c.sock.setblocking(True)
             c.sock.sendall(b"".join(frames))
             c.sock.setblocking(False)
+            c.last_sent = time.monotonic()
             self.outstanding[i] += k
             c.unacked += k
             result.sent += k
@@ -523,9 +551,11 @@ class _Worker:
                 last_reply = time.perf_counter()
             if time.perf_counter() - last_reply > 60:
                 break  # the responder went silent: report what we have
-            if progress is not None and time.perf_counter() - last_progress > 0.2:
-                progress.put((self.worker, result.sent, result.replies))
+            if time.perf_counter() - last_progress > 0.2:
+                if progress is not None:
+                    progress.put((self.worker, result.sent, result.replies))
                 last_progress = time.perf_counter()
+                self.keep_alive()
         result.cpu_s = time.process_time() - cpu0
         result.wall_s = last_reply - t0
         result.last_reply = time.time()

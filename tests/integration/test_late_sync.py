@@ -1,0 +1,58 @@
+"""GATEWAY_LATE_SYNC_GRACE_S: an offline device's records made while the session was open are
+still accepted that long after it closed; nothing else is."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from gateway.store.postgres import PostgresStore
+from tests.conftest import gateway_settings, running_gateway
+from tests.support.devices import Device
+from tests.support.servers import Servers
+from tests.support.tenants import make_tenant, record
+
+
+def _at(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+async def test_records_made_while_open_land_within_the_grace(
+    servers: Servers, database: str, store: PostgresStore
+) -> None:
+    """After close: inside the window and within the grace accepted; outside refused."""
+    prefix = f"hb-grace-{secrets.token_hex(3)}/v2"
+    tenant = await make_tenant(store)
+    settings = gateway_settings(servers, database, topic_prefix=prefix, late_sync_grace_s=3600)
+    async with (
+        running_gateway(settings),
+        Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device,
+    ):
+        opened_at = datetime.now(UTC) - timedelta(minutes=30)
+        opened = await device.request("sessions/open", tenant.open_payload(openedAt=_at(opened_at)))
+        sid = opened["data"]["sessionId"]
+        made_while_open = record(recordedAtUtc=_at(opened_at + timedelta(minutes=5)))
+        closed = await device.request(f"sessions/{sid}/close", {})
+        assert closed["status"] == "success"
+        late = await device.request(f"sessions/{sid}/records", made_while_open)
+        assert late["status"] == "success", late
+        assert late["data"]["idempotent"] is False
+        made_after_close = record(recordedAtUtc=_at(datetime.now(UTC) + timedelta(seconds=5)))
+        refused = await device.request(f"sessions/{sid}/records", made_after_close)
+        assert refused["error"]["code"] == "SESSION_CLOSED"
+        before_open = record(recordedAtUtc=_at(opened_at - timedelta(minutes=1)))
+        refused = await device.request(f"sessions/{sid}/records", before_open)
+        assert refused["error"]["code"] == "SESSION_CLOSED"
+        got = (await device.request(f"sessions/{sid}/get", {}))["data"]
+    assert got["status"] == "closed"
+    assert got["totals"]["records"] == 1
+
+
+async def test_without_grace_a_closed_session_takes_nothing(
+    device: Device, session_id: str
+) -> None:
+    """The seeds' rule (grace 0): even a record made while open is refused after close."""
+    made_now = record()
+    await device.request(f"sessions/{session_id}/close", {})
+    reply = await device.request(f"sessions/{session_id}/records", made_now)
+    assert reply["error"]["code"] == "SESSION_CLOSED"

@@ -90,11 +90,7 @@ async def connect_store(settings: Settings, stopping: asyncio.Event) -> Postgres
 
 async def check_schema(store: PostgresStore) -> None:
     latest = load_migrations()[-1].version
-    async with store._conn() as conn:
-        applied = await conn.fetchval(
-            "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN NULL "
-            "ELSE (SELECT max(version) FROM schema_migrations) END"
-        )
+    applied = await store.schema_version()
     if applied is None or applied < latest:
         await store.close()
         raise ConfigError(

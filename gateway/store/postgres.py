@@ -366,6 +366,15 @@ class PostgresStore:
                 raise StoreUnavailable(f"PostgreSQL unavailable: {exc}") from exc
             raise
 
+    async def schema_version(self) -> int | None:
+        """The latest migration applied, None on a database never migrated."""
+        async with self._conn() as conn:
+            version: int | None = await conn.fetchval(
+                "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN NULL "
+                "ELSE (SELECT max(version) FROM schema_migrations) END"
+            )
+        return version
+
     async def ping(self) -> None:
         async with self._conn() as conn:
             await conn.fetchval("SELECT 1")

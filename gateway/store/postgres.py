@@ -369,10 +369,9 @@ class PostgresStore:
     async def schema_version(self) -> int | None:
         """The latest migration applied, None on a database never migrated."""
         async with self._conn() as conn:
-            version: int | None = await conn.fetchval(
-                "SELECT CASE WHEN to_regclass('schema_migrations') IS NULL THEN NULL "
-                "ELSE (SELECT max(version) FROM schema_migrations) END"
-            )
+            if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+                return None
+            version: int | None = await conn.fetchval("SELECT max(version) FROM schema_migrations")
         return version
 
     async def ping(self) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
+from gateway.app import Gateway
 from gateway.core.seedfile import SeedFile
-from gateway.errors import InvalidRequest
+from gateway.errors import ConfigError, InvalidRequest
 from gateway.store.postgres import PostgresStore
+from tests.conftest import gateway_settings
+from tests.support.servers import Servers
 from tests.support.tenants import make_tenant
 
 
@@ -27,3 +32,19 @@ async def test_users_may_join_a_company_already_in_the_database(store: PostgresS
         )
     assert "comp_nowhere" in info.value.message
     assert await store.companies_of([f"{newcomer}_2"]) == {}
+
+
+async def test_gateway_refuses_an_unmigrated_database(servers: Servers) -> None:
+    """A gateway pointed at a database without the schema says to run gateway migrate."""
+    import asyncpg
+
+    name = f"bare_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(servers.admin_dsn)
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    settings = gateway_settings(servers, servers.dsn(name))
+    with pytest.raises(ConfigError) as info:
+        await Gateway(settings).run()
+    assert "gateway migrate" in str(info.value)

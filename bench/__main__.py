@@ -225,11 +225,17 @@ def _batch_stats(port: int) -> str:
     except OSError:
         return ""
     values = dict(
-        line.split(" ", 1) for line in text.splitlines() if line.startswith("gateway_batch_size_")
+        line.split(" ", 1)
+        for line in text.splitlines()
+        if line.startswith(("gateway_batch_size_", "gateway_batch_apply_"))
     )
     count = float(values.get("gateway_batch_size_count", 0))
     total = float(values.get("gateway_batch_size_sum", 0))
-    return f"{count:.0f} batches, {total / max(count, 1):.0f} requests each on average"
+    seconds = float(values.get("gateway_batch_apply_seconds_sum", 0))
+    return (
+        f"{count:.0f} batches, {total / max(count, 1):.0f} requests each on average, "
+        f"{1000 * seconds / max(count, 1):.1f} ms each to apply (validate, commit, build replies)"
+    )
 
 
 def _wait_http(port: int, proc: subprocess.Popen[bytes]) -> None:

@@ -18,6 +18,7 @@ class Metrics:
         self._batch_buckets = [0] * len(BATCH_BUCKETS)
         self._batch_count = 0
         self._batch_sum = 0
+        self._batch_seconds = 0.0
 
     def inc(self, name: str, value: float = 1) -> None:
         self._counters[name] += value
@@ -28,8 +29,9 @@ class Metrics:
     def gauge(self, name: str, read: Callable[[], float]) -> None:
         self._gauges[name] = read
 
-    def observe_batch(self, size: int) -> None:
+    def observe_batch(self, size: int, seconds: float = 0.0) -> None:
         self._batch_count += 1
+        self._batch_seconds += seconds
         self._batch_sum += size
         for i, bound in enumerate(BATCH_BUCKETS):
             if size <= bound:
@@ -56,6 +58,9 @@ class Metrics:
         lines.append(f'gateway_batch_size_bucket{{le="+Inf"}} {self._batch_count}')
         lines.append(f"gateway_batch_size_sum {self._batch_sum}")
         lines.append(f"gateway_batch_size_count {self._batch_count}")
+        lines.append("# TYPE gateway_batch_apply_seconds summary")
+        lines.append(f"gateway_batch_apply_seconds_sum {self._batch_seconds!r}")
+        lines.append(f"gateway_batch_apply_seconds_count {self._batch_count}")
         return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import secrets
+import select
 import selectors
 import socket
 import struct
@@ -194,7 +195,21 @@ class MqttWsConnection:
         self._ws += head.split(b"\r\n\r\n", 1)[1]
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(self.frame(data))
+        self.send_raw(self.frame(data))
+
+    def send_raw(self, data: bytes) -> None:
+        """All of ``data``; on a non-blocking socket one send() call when the buffer has room
+        (toggling the socket's mode costs two more system calls per write)."""
+        sock = self.sock
+        if sock.gettimeout() != 0.0:
+            sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                select.select([], [sock], [], 10)
 
     def _expect(self, kind: int, name: str) -> bytes:
         deadline = time.monotonic() + 10
@@ -210,13 +225,24 @@ class MqttWsConnection:
         self._expect(0x90, "SUBACK")
 
     def _fill(self, *, blocking: bool) -> int:
-        self.sock.setblocking(blocking)
-        try:
-            data = self.sock.recv(1 << 18)
-        except BlockingIOError:
-            return 0
-        finally:
-            self.sock.setblocking(True)
+        sock = self.sock
+        if sock.gettimeout() == 0.0:  # the run: non-blocking, one recv() per call
+            if blocking:
+                select.select([sock], [], [], 10)
+            try:
+                data = sock.recv(1 << 18)
+            except BlockingIOError:
+                return 0
+        elif blocking:  # setup
+            data = sock.recv(1 << 18)
+        else:
+            sock.setblocking(False)
+            try:
+                data = sock.recv(1 << 18)
+            except BlockingIOError:
+                return 0
+            finally:
+                sock.settimeout(10)
         if not data:
             raise ConnectionError(
                 f"broker closed the connection of {self.client_id} "
@@ -227,7 +253,7 @@ class MqttWsConnection:
             self._ws += data
             self._unframe()
             while self.pongs:
-                self.sock.sendall(self.pongs.pop(0))
+                self.send_raw(self.pongs.pop(0))
         else:
             self._mqtt += data
         return len(data)
@@ -469,9 +495,7 @@ class _Worker:
         now = time.monotonic()
         for c in self.conns:
             if now - c.last_sent > 20:
-                c.sock.setblocking(True)
-                c.sock.sendall(c.frame(b"\xc0\x00"))
-                c.sock.setblocking(False)
+                c.send(b"\xc0\x00")
                 c.last_sent = now
 
     def send_due(self, started: float) -> None:
@@ -501,9 +525,7 @@ class _Worker:
                 c.frame(b"".join(p for _, p in batch[j : j + plan.per_frame]))
                 for j in range(0, k, plan.per_frame)
             ]
-            c.sock.setblocking(True)
-            c.sock.sendall(b"".join(frames))
-            c.sock.setblocking(False)
+            c.send_raw(b"".join(frames))
             c.last_sent = time.monotonic()
             self.outstanding[i] += k
             c.unacked += k

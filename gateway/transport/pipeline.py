@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import zlib
 from collections import deque
 from collections.abc import Sequence
@@ -169,6 +170,7 @@ class Pipeline:
     async def _apply(self, batch: Sequence[Inbound]) -> list[Reply] | None:
         delay = RETRY_INITIAL_S
         while True:
+            started = time.perf_counter()
             try:
                 replies = await self._dispatcher.handle(batch)
             except StoreUnavailable as exc:
@@ -194,7 +196,7 @@ class Pipeline:
             if not self.store_ok:
                 log.info("database is back; resuming")
             self.store_ok = True
-            self._metrics.observe_batch(len(batch))
+            self._metrics.observe_batch(len(batch), time.perf_counter() - started)
             return replies
 
     async def _answer(self, batch: Sequence[Inbound], replies: Sequence[Reply]) -> None:

@@ -91,6 +91,18 @@ def test_batch_histogram_is_cumulative() -> None:
     assert "gateway_batch_size_count 5" in out
 
 
+def test_batch_apply_time_is_a_summary() -> None:
+    """The time spent applying batches is summed with their count (mean = sum / count)."""
+    m = Metrics()
+    assert "gateway_batch_apply_seconds_sum 0.0" in lines(m)
+    m.observe_batch(10, 0.25)
+    m.observe_batch(30, 0.5)
+    out = lines(m)
+    assert "# TYPE gateway_batch_apply_seconds summary" in out
+    assert "gateway_batch_apply_seconds_sum 0.75" in out
+    assert "gateway_batch_apply_seconds_count 2" in out
+
+
 def test_every_sample_line_parses() -> None:
     """Every line is a comment or `name[{labels}] number`, as Prometheus expects."""
     m = Metrics()

@@ -34,6 +34,7 @@ from gateway.errors import (
     PayloadTooLarge,
     RequestError,
     StoreUnavailable,
+    Unauthorized,
     Unavailable,
     as_request_error,
     error_body,
@@ -120,7 +121,10 @@ class HttpSidecar:
             return error_response(exc)
 
     async def principal(self, request: web.Request, auth0_id: str | None = None) -> Principal:
-        claims = self.verifier.verify(request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        if not header:
+            raise Unauthorized("missing token: send the header Authorization: Bearer <jwt>")
+        claims = self.verifier.verify(header)
         return await self.service.principal(claims, auth0_id)
 
     async def body(self, request: web.Request) -> tuple[dict[str, Any], Principal]:

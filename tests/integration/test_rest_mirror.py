@@ -123,6 +123,9 @@ async def test_rest_needs_a_valid_token(gateway: Gateway, tenant: Tenant) -> Non
         base = f"http://127.0.0.1:{gateway.http_port}{API}"
         async with http.post(f"{base}/sessions", json=tenant.open_payload()) as resp:
             assert resp.status == 401
+            refused = await resp.json()
+            assert refused["error"]["code"] == "UNAUTHORIZED"
+            assert "Authorization: Bearer" in refused["error"]["message"]  # says what to send
         forged = Rest(http, f"http://127.0.0.1:{gateway.http_port}", tenant.token() + "x")
         assert (await forged.call("POST", "/sessions", tenant.open_payload()))[0] == 401
         good = Rest(http, f"http://127.0.0.1:{gateway.http_port}", tenant.token())

@@ -32,7 +32,7 @@ from gateway.service import Service
 from gateway.store.migrate import load_migrations
 from gateway.store.postgres import PostgresStore
 from gateway.transport.dispatch import Dispatcher
-from gateway.transport.http import HttpSidecar, start_http
+from gateway.transport.http import HttpSidecar, parse_origins, start_http
 from gateway.transport.mqtt import MqttLink
 from gateway.transport.pipeline import Pipeline
 
@@ -189,6 +189,7 @@ class Gateway:
             ready=self.ready,
             max_payload_bytes=s.max_payload_bytes,
             max_json_depth=s.max_json_depth,
+            cors_origins=parse_origins(s.cors_origins),
         )
         runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
         log.info("http sidecar on %s:%d", s.http_host, self.http_port)

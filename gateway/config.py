@@ -68,6 +68,8 @@ class Settings(BaseSettings):
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
+    # browser origins allowed to call the HTTP sidecar: "*", a comma-separated list, or ""
+    cors_origins: str = "*"
 
     jwt_secret: str | None = None
     jwt_jwks: str | None = None
@@ -124,6 +126,20 @@ class Settings(BaseSettings):
     def _check_group(cls, value: str) -> str:
         if not value or any(c in value for c in "/+#\x00"):
             raise ValueError("must be a single topic level without / + #")
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",")):
+            if not origin or origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+                raise ValueError(
+                    f"{origin!r} is not an origin: use *, or a comma-separated list such as "
+                    "https://app.example.com,http://localhost:3000"
+                )
         return value
 
     @field_validator("log_level")

@@ -49,6 +49,38 @@ API = "/api/control/production"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+CORS_METHODS = "GET, HEAD, POST, PATCH, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type"
+CORS_EXPOSE = "X-Idempotent-Replay"
+CORS_MAX_AGE_S = "600"
+
+
+def parse_origins(value: str) -> frozenset[str] | None:
+    """``GATEWAY_CORS_ORIGINS``: ``*`` (None: any origin), or a comma-separated list (empty:
+    no browser origin may call the sidecar)."""
+    items = {o.strip().rstrip("/") for o in value.split(",") if o.strip()}
+    return None if "*" in items else frozenset(items)
+
+
+def cors_headers(origin: str | None, allowed: frozenset[str] | None) -> dict[str, str]:
+    """The CORS headers of a response to a request from ``origin`` (none if not allowed).
+
+    Tokens travel in the Authorization header, never in cookies, so no credentials are
+    allowed and ``*`` exposes nothing a script could not already send with its own token.
+    """
+    if not origin:
+        return {}
+    if allowed is None:
+        return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": CORS_EXPOSE}
+    if origin.rstrip("/") not in allowed:
+        return {"Vary": "Origin"}
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": CORS_EXPOSE,
+        "Vary": "Origin",
+    }
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -78,7 +110,9 @@ class HttpSidecar:
         ready: Callable[[], Awaitable[dict[str, bool]]],
         max_payload_bytes: int = 262_144,
         max_json_depth: int = 16,
+        cors_origins: frozenset[str] | None = frozenset(),
     ) -> None:
+        self.cors_origins = cors_origins
         self.max_payload_bytes = max_payload_bytes
         self.max_json_depth = max_json_depth
         self.service = service
@@ -86,7 +120,7 @@ class HttpSidecar:
         self.metrics = metrics
         self._ready = ready
         self.app = web.Application(
-            middlewares=[self._errors], client_max_size=max_payload_bytes + 1
+            middlewares=[self._cors, self._errors], client_max_size=max_payload_bytes + 1
         )
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -103,6 +137,26 @@ class HttpSidecar:
         r.add_post(f"{API}/records/bulk", self.bulk_records)
         r.add_get(f"{API}/records/{{record_id}}", self.get_record)
         r.add_post(f"{API}/records/{{record_id}}/void", self.void_record)
+
+    @web.middleware
+    async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Browsers: answer preflights, and let allowed origins read the responses."""
+        headers = cors_headers(request.headers.get("Origin"), self.cors_origins)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            if "Access-Control-Allow-Origin" in headers:
+                headers |= {
+                    "Access-Control-Allow-Methods": CORS_METHODS,
+                    "Access-Control-Allow-Headers": CORS_HEADERS,
+                    "Access-Control-Max-Age": CORS_MAX_AGE_S,
+                }
+            return web.Response(status=204, headers=headers)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            exc.headers.update(headers)
+            raise
+        response.headers.update(headers)
+        return response
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

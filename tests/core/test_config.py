@@ -43,6 +43,7 @@ def test_defaults() -> None:
     assert s.jwt_jwks is None
     assert s.jwt_audience is None
     assert s.jwt_issuer is None
+    assert s.cors_origins == "*"
 
 
 def test_settings_are_frozen() -> None:
@@ -104,6 +105,9 @@ def test_env_overrides(
         ("GATEWAY_SHARE_GROUP", "g+"),
         ("GATEWAY_LOG_LEVEL", "LOUD"),
         ("GATEWAY_LOG_FORMAT", "xml"),
+        ("GATEWAY_CORS_ORIGINS", "example.com"),
+        ("GATEWAY_CORS_ORIGINS", "https://ok.example,ftp://files.example"),
+        ("GATEWAY_CORS_ORIGINS", "https://app.example/path"),
     ],
 )
 def test_bad_values_name_the_variable(

@@ -9,6 +9,8 @@ import aiohttp
 import pytest
 
 from gateway.app import Gateway
+from tests.conftest import gateway_settings, running_gateway
+from tests.support.servers import Servers
 from tests.support.tenants import Tenant, record
 
 API = "/api/control/production"
@@ -134,3 +136,55 @@ async def test_rest_needs_a_valid_token(gateway: Gateway, tenant: Tenant) -> Non
         )
         assert status == 403
         assert body["error"]["code"] == "FORBIDDEN"
+
+
+# --- browsers (CORS) ------------------------------------------------------------------------------
+
+
+async def test_browser_preflight_and_request(gateway: Gateway, tenant: Tenant) -> None:
+    """A page on another origin: the preflight for Authorization is granted, the answer is
+    readable, and so is X-Idempotent-Replay (default GATEWAY_CORS_ORIGINS=*)."""
+    page = "https://dashboard.farm.example"
+    url = f"http://127.0.0.1:{gateway.http_port}{API}/records/check-idempotency?key=nope"
+    async with aiohttp.ClientSession() as http:
+        preflight = {
+            "Origin": page,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        async with http.options(url, headers=preflight) as resp:
+            assert resp.status == 204
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert "HEAD" in resp.headers["Access-Control-Allow-Methods"]
+            assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+        headers = {"Origin": page, "Authorization": f"Bearer {tenant.token()}"}
+        async with http.head(url, headers=headers) as resp:
+            assert resp.status == 404
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert resp.headers["Access-Control-Expose-Headers"] == "X-Idempotent-Replay"
+        async with http.get(f"{url}&x", headers={"Origin": page}) as resp:  # errors too
+            assert resp.status == 401
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        async with http.get(url.replace("check-idempotency", "nothing/here")) as resp:
+            assert "Access-Control-Allow-Origin" not in resp.headers  # no Origin, no CORS
+
+
+async def test_cors_origins_list(servers: Servers, database: str, tenant: Tenant) -> None:
+    """GATEWAY_CORS_ORIGINS as a list: listed pages may read answers, others may not."""
+    settings = gateway_settings(servers, database, cors_origins="http://localhost:3000")
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
+        url = f"http://127.0.0.1:{gw.http_port}{API}/sessions/nope"
+        for origin, allowed in (("http://localhost:3000", True), ("https://evil.example", False)):
+            preflight = {"Origin": origin, "Access-Control-Request-Method": "GET"}
+            async with http.options(url, headers=preflight) as resp:
+                assert resp.status == 204
+                got = resp.headers.get("Access-Control-Allow-Origin")
+                assert got == (origin if allowed else None)
+                assert ("Access-Control-Allow-Methods" in resp.headers) is allowed
+            headers = {"Origin": origin, "Authorization": f"Bearer {tenant.token()}"}
+            async with http.get(url, headers=headers) as resp:
+                assert resp.status == 404
+                assert resp.headers.get("Access-Control-Allow-Origin") == (
+                    origin if allowed else None
+                )
+                assert resp.headers["Vary"] == "Origin"

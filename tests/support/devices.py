@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 import orjson
@@ -24,7 +24,39 @@ def _props(**values: Any) -> Properties:
     return props
 
 
-class Device:
+class ReadingClient:
+    """An aiomqtt client plus a task that hands every message it receives to ``_take``."""
+
+    _client: aiomqtt.Client
+    _reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self._client.__aenter__()
+        await self._connected()
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self._client.__aexit__(None, None, None)
+
+    async def _connected(self) -> None:
+        """Runs once connected, before messages are read (subscriptions go here)."""
+
+    async def _read(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            async for msg in self._client.messages:
+                self._take(msg)
+
+    def _take(self, msg: aiomqtt.Message) -> None:
+        raise NotImplementedError
+
+
+class Device(ReadingClient):
     """An MQTT 5 handheld over WebSocket: requests carry a Response Topic and Correlation Data."""
 
     def __init__(
@@ -53,36 +85,22 @@ class Device:
         )
         self._waiting: dict[bytes, asyncio.Future[dict[str, Any]]] = {}
         self._inboxes: dict[str, asyncio.Queue[aiomqtt.Message]] = {}
-        self._reader: asyncio.Task[None] | None = None
         self._seq = itertools.count(1)
 
-    async def __aenter__(self) -> Device:
-        await self._client.__aenter__()
+    async def _connected(self) -> None:
         await self._client.subscribe(f"{self.prefix}/clients/{self.client_id}/#", qos=1)
-        self._reader = asyncio.create_task(self._read())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for msg in self._client.messages:
-                corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-                topic = str(msg.topic)
-                if corr is not None and corr in self._waiting:
-                    fut = self._waiting.pop(corr)
-                    if not fut.done():
-                        fut.set_result(orjson.loads(msg.payload))
-                    continue
-                for pattern, queue in self._inboxes.items():
-                    if aiomqtt.Topic(topic).matches(pattern):
-                        queue.put_nowait(msg)
+    def _take(self, msg: aiomqtt.Message) -> None:
+        corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+        if corr is not None and corr in self._waiting:
+            fut = self._waiting.pop(corr)
+            if not fut.done():
+                fut.set_result(orjson.loads(msg.payload))
+            return
+        topic = str(msg.topic)
+        for pattern, queue in self._inboxes.items():
+            if aiomqtt.Topic(topic).matches(pattern):
+                queue.put_nowait(msg)
 
     def topic(self, suffix: str) -> str:
         return f"{self.prefix}/{suffix}"

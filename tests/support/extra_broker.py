@@ -27,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.devstack import MosquittoServer
+from tests.support.devices import ReadingClient
 
 PREFIX = "hydrobit/v2"  # fixed by mosquitto/acl
 WAIT_S = 15.0
@@ -244,7 +245,7 @@ def props(**values: Any) -> Properties:
     return p
 
 
-class BrokerUser:
+class BrokerUser(ReadingClient):
     """An MQTT 5 client with a username and password. ``publish`` returns the PUBACK reason code;
     everything that arrives on its subscriptions lands in ``inbox``, in order."""
 
@@ -283,25 +284,9 @@ class BrokerUser:
             forward(client, userdata, mid, reason, properties)
 
         paho.on_publish = on_publish
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> BrokerUser:
-        await self._client.__aenter__()
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for msg in self._client.messages:
-                self.inbox.put_nowait(msg)
+    def _take(self, msg: aiomqtt.Message) -> None:
+        self.inbox.put_nowait(msg)
 
     async def subscribe(self, *filters: str) -> list[int]:
         """Subscribe (QoS 1); the SUBACK reason codes, one per filter."""

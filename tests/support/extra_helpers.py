@@ -19,6 +19,7 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from tests.support.devices import ReadingClient
 from tests.support.servers import Servers
 
 WAIT_S = 15.0
@@ -50,7 +51,7 @@ class Received:
         return data
 
 
-class RawClient:
+class RawClient(ReadingClient):
     """A bare MQTT 5 client: publishes exactly what it is told (no Response Topic unless given)
     and collects what arrives on the filters it subscribes to."""
 
@@ -65,31 +66,14 @@ class RawClient:
             timeout=10,
         )
         self._inboxes: dict[str, asyncio.Queue[Received]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> RawClient:
-        await self._client.__aenter__()
-        self._reader = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for msg in self._client.messages:
-                props = msg.properties
-                corr = getattr(props, "CorrelationData", None) if props is not None else None
-                payload = _as_bytes(msg.payload)
-                got = Received(str(msg.topic), payload, corr, bool(msg.retain))
-                for pattern, queue in self._inboxes.items():
-                    if msg.topic.matches(pattern):
-                        queue.put_nowait(got)
+    def _take(self, msg: aiomqtt.Message) -> None:
+        props = msg.properties
+        corr = getattr(props, "CorrelationData", None) if props is not None else None
+        got = Received(str(msg.topic), _as_bytes(msg.payload), corr, bool(msg.retain))
+        for pattern, queue in self._inboxes.items():
+            if msg.topic.matches(pattern):
+                queue.put_nowait(got)
 
     async def publish(
         self,

@@ -162,7 +162,7 @@ class Device(ReadingClient):
                 await self._client.unsubscribe(topic_filter)
 
 
-class LegacyDevice:
+class LegacyDevice(ReadingClient):
     """An MQTT 3.1.1 device: the token and ``replyTo`` travel in the payload."""
 
     def __init__(self, host: str, port: int, prefix: str, *, token: str, ws: bool = True) -> None:
@@ -179,28 +179,14 @@ class LegacyDevice:
             timeout=10,
         )
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        self._reader: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> LegacyDevice:
-        await self._client.__aenter__()
+    async def _connected(self) -> None:
         await self._client.subscribe(f"{self.prefix}/clients/{self.client_id}/#", qos=1)
-        self._reader = asyncio.create_task(self._read())
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        with contextlib.suppress(Exception):
-            await self._client.__aexit__(None, None, None)
-
-    async def _read(self) -> None:
-        with contextlib.suppress(aiomqtt.MqttError):
-            async for msg in self._client.messages:
-                fut = self._replies.pop(str(msg.topic), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(orjson.loads(msg.payload))
+    def _take(self, msg: aiomqtt.Message) -> None:
+        fut = self._replies.pop(str(msg.topic), None)
+        if fut is not None and not fut.done():
+            fut.set_result(orjson.loads(msg.payload))
 
     async def request(
         self, suffix: str, payload: dict[str, Any], timeout: float = REPLY_TIMEOUT_S

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -171,7 +172,14 @@ async def test_browser_preflight_and_request(gateway: Gateway, tenant: Tenant) -
 
 async def test_cors_origins_list(servers: Servers, database: str, tenant: Tenant) -> None:
     """GATEWAY_CORS_ORIGINS as a list: listed pages may read answers, others may not."""
-    settings = gateway_settings(servers, database, cors_origins="http://localhost:3000")
+    # its own topics: a second gateway on the shared ones would keep (persistent session) a
+    # share of the other tests' requests after it stops
+    settings = gateway_settings(
+        servers,
+        database,
+        cors_origins="http://localhost:3000",
+        topic_prefix=f"hb-cors-{secrets.token_hex(3)}/v2",
+    )
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as http:
         url = f"http://127.0.0.1:{gw.http_port}{API}/sessions/nope"
         for origin, allowed in (("http://localhost:3000", True), ("https://evil.example", False)):

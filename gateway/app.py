@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -102,8 +103,9 @@ async def check_schema(store: PostgresStore) -> None:
 class Gateway:
     """A running gateway. ``await run()``; ``stop()`` from a signal handler or a test."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, retiring: bool = False) -> None:
         self.settings = settings
+        self.retiring = retiring
         self.topics = Topics(settings.topic_prefix)
         self.metrics = Metrics()
         self.verifier = verifier_from(settings)
@@ -119,6 +121,29 @@ class Gateway:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def retire(self, quiet_s: float = 2.0) -> None:
+        """Take this replica out for good (``Gateway(..., retiring=True)``, then ``run()``).
+
+        Its broker session holds a share of the requests that arrived while it was down (and,
+        being persistent, would go on taking its share for GATEWAY_MQTT_SESSION_EXPIRY_S).
+        Connected, it unsubscribes, answers what was queued for it until nothing has arrived
+        for ``quiet_s`` and all is acknowledged, then stops and ends the session.
+        """
+        await self.started.wait()
+        assert self.link is not None and self.pipeline is not None
+        await self.link.wait_unsubscribed()
+        log.info("retiring %s: unsubscribed; answering what was queued for it", self.link.client_id)
+        pipeline = self.pipeline
+        while not self._stopping.is_set():
+            await asyncio.sleep(0.1)
+            idle = time.monotonic() - pipeline.last_arrival
+            if pipeline.backlog == 0 and pipeline.unacked == 0 and idle >= quiet_s:
+                break
+        log.info(
+            "retiring %s: nothing more queued; ending its session", self.settings.mqtt_client_id
+        )
+        self.stop()
 
     def _status(self, status: str) -> bytes:
         return orjson.dumps(
@@ -166,6 +191,7 @@ class Gateway:
             online_payload=lambda: self._status("online"),
             offline_payload=self._status("offline"),
         )
+        link.end_session_on_stop = self.retiring
         pipeline = Pipeline(
             link,
             dispatcher,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import re
 import signal
@@ -52,6 +53,29 @@ def cmd_run(_args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     settings.require_jwt_keys()
     asyncio.run(_run(settings))
+    return 0
+
+
+async def _retire(settings: Settings, quiet_s: float) -> None:
+    from gateway.app import Gateway
+
+    gateway = Gateway(settings, retiring=True)
+    install_signal_handlers(gateway.stop)
+    retiring = asyncio.create_task(gateway.retire(quiet_s))
+    try:
+        await gateway.run()
+    finally:
+        retiring.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retiring
+
+
+def cmd_retire(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    setup_logging(settings.log_level, settings.log_format)
+    settings.require_jwt_keys()
+    asyncio.run(_retire(settings, args.quiet))
+    print(f"retired {settings.mqtt_client_id}: its queued requests answered, its session ended")
     return 0
 
 
@@ -218,6 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run everything locally: PostgreSQL, Mosquitto, gateway")
     p.add_argument("--keep", action="store_true", help="keep the data folder on exit")
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser(
+        "retire",
+        help="take the replica GATEWAY_MQTT_CLIENT_ID out for good: answer what the broker "
+        "queued for it, then end its session (else it keeps a share of requests)",
+    )
+    p.add_argument(
+        "--quiet", type=float, default=2.0, help="seconds without a request before ending"
+    )
+    p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("migrate", help="apply pending database migrations")
     p.set_defaults(func=cmd_migrate)

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
+UNSUBSCRIBE, UNSUBACK = 0xA2, 0xB0
 
 # property identifiers (MQTT 5 §2.2.2.2)
 P_PAYLOAD_FORMAT = 0x01
@@ -257,6 +258,13 @@ def encode_subscribe(packet_id: int, filters: list[str], qos: int = 1) -> bytes:
     return _packet(SUBSCRIBE, body)
 
 
+def encode_unsubscribe(packet_id: int, filters: list[str]) -> bytes:
+    body = _pack_h(packet_id) + varint(0)
+    for f in filters:
+        body += utf8(f)
+    return _packet(UNSUBSCRIBE, body)
+
+
 def topic_header(topic: str) -> bytes:
     """The length-prefixed topic of a PUBLISH (callers cache it per topic)."""
     return utf8(topic)
@@ -292,7 +300,11 @@ def encode_puback(packet_id: int) -> bytes:
     return PUBACK_HEAD + _pack_h(packet_id)
 
 
-def encode_disconnect(reason: int = 0) -> bytes:
+def encode_disconnect(reason: int = 0, *, session_expiry: int | None = None) -> bytes:
+    """DISCONNECT; ``session_expiry=0`` ends the session (and its subscriptions) at once."""
+    if session_expiry is not None:
+        props = bytes((P_SESSION_EXPIRY,)) + _pack_i(session_expiry)
+        return _packet(DISCONNECT, bytes((reason,)) + varint(len(props)) + props)
     return b"\xe0\x00" if reason == 0 else _packet(DISCONNECT, bytes((reason,)) + b"\x00")
 
 
@@ -320,7 +332,7 @@ class Publish(NamedTuple):
 
 @dataclass(slots=True)
 class Ack:
-    """PUBACK or SUBACK: the packet id and the reason code(s)."""
+    """PUBACK, SUBACK or UNSUBACK: the packet id and the reason code(s)."""
 
     kind: int
     packet_id: int
@@ -507,11 +519,11 @@ class PacketReader:
     def _decode(first: int, data: bytes, start: int, end: int) -> Packet:
         kind = first & 0xF0
         body = data[start:end]
-        if kind in (PUBACK, SUBACK):
+        if kind in (PUBACK, SUBACK, UNSUBACK):
             if len(body) < 2:
                 raise ProtocolError("truncated acknowledgement")
             packet_id = _unpack_h(body, 0)[0]
-            if kind == SUBACK:
+            if kind != PUBACK:
                 _props, pos = decode_properties(body, 2, len(body))
                 return Ack(kind, packet_id, body[pos:])
             return Ack(kind, packet_id, body[2:3])

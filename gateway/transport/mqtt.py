@@ -204,6 +204,10 @@ class MqttLink:
         self._lost: asyncio.Future[Exception | None] | None = None
         self._connack: asyncio.Future[Connack] | None = None
         self._suback: asyncio.Future[Ack] | None = None
+        self._unsuback: asyncio.Future[Ack] | None = None
+        # retiring: unsubscribe instead of subscribing, and end the broker session with the
+        # connection (Session Expiry 0 on DISCONNECT)
+        self.end_session_on_stop = False
         # outgoing: packets in wire order; a QoS 1 publish waits for send quota, and
         # everything queued behind it waits too (so a PUBACK never overtakes its reply)
         self._out: deque[tuple[bytes, int]] = deque()
@@ -222,6 +226,10 @@ class MqttLink:
         self._topic_headers: dict[str, bytes] = {}
 
     # state --------------------------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        return self._settings.mqtt_client_id
 
     @property
     def connected(self) -> bool:
@@ -372,13 +380,21 @@ class MqttLink:
         # queued requests first, and the SUBACK arrives behind them (we may even have paused
         # reading). The SUBACK is checked when it comes.
         self._suback = loop.create_future()
-        self._write(mqtt5.encode_subscribe(self._packet_id(), self._subscriptions))
+        if self.end_session_on_stop:
+            # retiring: no new requests; those already queued for this session still arrive
+            self._unsuback = loop.create_future()
+            self._write(mqtt5.encode_unsubscribe(self._packet_id(), self._subscriptions))
+        else:
+            self._write(mqtt5.encode_subscribe(self._packet_id(), self._subscriptions))
         self.publish(self._status_topic, self._online_payload(), retain=True)
         self._connected_event.set()
         if self.on_connected:
             self.on_connected(self.session_present)
         keepalive = asyncio.create_task(self._keepalive(), name="mqtt-keepalive")
-        suback = asyncio.create_task(self._check_suback(self._suback), name="mqtt-suback")
+        suback = asyncio.create_task(
+            asyncio.sleep(0) if self.end_session_on_stop else self._check_suback(self._suback),
+            name="mqtt-suback",
+        )
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             waits: list[asyncio.Future[Any]] = [stop, self._lost]
@@ -390,6 +406,24 @@ class MqttLink:
         if self._lost.done():
             raise ConnectionFailed(f"connection lost: {self._lost.result() or 'closed'}")
         await self._say_goodbye()
+
+    async def wait_unsubscribed(self) -> None:
+        """Retiring: until the broker has confirmed (UNSUBACK) that no new request comes here."""
+        while True:
+            await self.wait_connected()
+            fut = self._unsuback
+            if fut is not None:
+                await asyncio.wait([fut], timeout=1.0)  # a new connection makes a new one
+                if not fut.done():
+                    continue
+                unsuback = fut.result()
+                refused = [r for r in unsuback.reasons if r >= 0x80]
+                if refused:
+                    raise ConnectionFailed(
+                        f"broker refused to unsubscribe (reason 0x{refused[0]:02x})"
+                    )
+                return
+            await asyncio.sleep(0.05)
 
     async def _check_suback(self, fut: asyncio.Future[Ack]) -> None:
         try:
@@ -428,7 +462,11 @@ class MqttLink:
                 *(f for f in self._pending.values() if f is not None),
             ]
             await asyncio.wait(waits, timeout=2.0)
-        self._write(mqtt5.encode_disconnect())
+        if self.end_session_on_stop:
+            self._write(mqtt5.encode_disconnect(session_expiry=0))
+            log.info("mqtt session %s ended", self._settings.mqtt_client_id)
+        else:
+            self._write(mqtt5.encode_disconnect())
         if self._wire is not None:
             self._wire.close()
         log.info("mqtt disconnected from %s", self._settings.mqtt_url)
@@ -484,6 +522,9 @@ class MqttLink:
             elif isinstance(pkt, Ack):
                 if pkt.kind == mqtt5.PUBACK:
                     self._puback(pkt)
+                elif pkt.kind == mqtt5.UNSUBACK:
+                    if self._unsuback is not None and not self._unsuback.done():
+                        self._unsuback.set_result(pkt)
                 elif self._suback is not None and not self._suback.done():
                     self._suback.set_result(pkt)
             elif isinstance(pkt, Connack):

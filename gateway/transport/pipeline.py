@@ -76,6 +76,7 @@ class Pipeline:
         # (the broker keeps the backlog), and start again below half of it
         self._max_inflight = max_inflight
         self._paused = False
+        self.last_arrival = time.monotonic()
 
     # fed by the link ----------------------------------------------------------------------
 
@@ -92,6 +93,7 @@ class Pipeline:
         return shard
 
     def submit(self, msg: Inbound) -> None:
+        self.last_arrival = time.monotonic()
         shard = self._shard_of(msg)
         shard.queue.append(msg)
         self._queued += 1

@@ -1,0 +1,100 @@
+"""`gateway retire`: a replica taken out for good hands back its share of the requests.
+
+Its persistent broker session (clean start off, SPEC §2) keeps taking a share of the shared
+subscription's requests while it is down; retiring answers what was queued for it and ends the
+session, so that nothing waits a day (GATEWAY_MQTT_SESSION_EXPIRY_S) for a replica that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from typing import Any
+
+import asyncpg
+
+from gateway.app import Gateway
+from gateway.core import mqtt5
+from gateway.store.postgres import PostgresStore
+from tests.conftest import gateway_settings, running_gateway
+from tests.support.devices import Device
+from tests.support.servers import Servers
+from tests.support.tenants import make_tenant, record
+
+N = 24
+
+
+async def session_present(servers: Servers, client_id: str) -> bool:
+    """Does the broker still hold a session for ``client_id``? (CONNECT, clean start off,
+    read CONNACK's Session Present flag, and leave with the gateway's own session expiry so
+    that a session that was there stays there)."""
+    reader, writer = await asyncio.open_connection(servers.mqtt_host, servers.mqtt_port)
+    try:
+        writer.write(
+            mqtt5.encode_connect(
+                client_id,
+                keepalive=30,
+                clean_start=False,
+                session_expiry=86_400,
+                receive_maximum=10,
+            )
+        )
+        first, _length, flags = await asyncio.wait_for(reader.readexactly(3), 10)
+        assert first == mqtt5.CONNACK
+        return bool(flags & 0x01)
+    finally:
+        writer.close()
+
+
+async def test_retire_answers_the_queued_share_then_ends_the_session(
+    servers: Servers, database: str, store: PostgresStore
+) -> None:
+    tenant = await make_tenant(store)
+    prefix = f"hb-retire-{secrets.token_hex(3)}/v2"
+    gone = gateway_settings(servers, database, topic_prefix=prefix)
+    stays = gateway_settings(servers, database, topic_prefix=prefix)
+    async with (
+        running_gateway(stays),
+        Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device,
+    ):
+        opened = await device.request("sessions/open", tenant.open_payload())
+        assert opened["status"] == "success", opened
+        sid = opened["data"]["sessionId"]
+        async with running_gateway(gone):
+            pass  # subscribed once, then stopped: its session (and its share) lives on
+        assert await session_present(servers, gone.mqtt_client_id)
+
+        def send(n: int) -> list[asyncio.Task[dict[str, Any]]]:
+            return [
+                asyncio.create_task(device.request(f"sessions/{sid}/records", record(), timeout=60))
+                for _ in range(n)
+            ]
+
+        first = send(N)
+        await asyncio.wait(first, timeout=3)
+        stuck = [t for t in first if not t.done()]
+        assert stuck, "the stopped replica's session took no share: the scenario did not happen"
+        assert len(stuck) < N  # and the live one answered its own share
+
+        retiring = Gateway(gone, retiring=True)
+        run = asyncio.create_task(retiring.run())
+        await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60)
+        await asyncio.wait_for(run, 60)
+        assert not await session_present(servers, gone.mqtt_client_id)
+        replies = await asyncio.gather(*first)
+        assert all(r["status"] == "success" for r in replies), replies
+
+        # the session is gone: every new request goes to the replica that stays
+        second = send(N)
+        done, pending = await asyncio.wait(second, timeout=20)
+        assert not pending, f"{len(pending)} requests still went to the retired replica"
+        assert all(t.result()["status"] == "success" for t in done)
+
+    conn = await asyncpg.connect(database)
+    try:
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM production_records WHERE session_id = $1", sid
+        )
+    finally:
+        await conn.close()
+    assert stored == 2 * N

@@ -189,8 +189,25 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from gateway.core.auth import mint_token
-    from gateway.simulate import FleetPlan, open_sessions, parse_ws_url, run_fleet
+    from gateway.simulate import (
+        FleetPlan,
+        SimulationError,
+        open_sessions,
+        parse_ws_url,
+        run_fleet,
+    )
 
+    checks = [
+        (args.devices >= 1, "--devices must be at least 1"),
+        (1 <= args.processes <= args.devices, "--processes must be between 1 and --devices"),
+        (args.records >= 1, "--records must be at least 1"),
+        (args.rate >= 0, "--rate must be 0 (saturate) or a positive records/s"),
+        (args.window >= 1, "--window must be at least 1"),
+        (0 <= args.duplicates <= 1, "--duplicates is a share between 0 and 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
     settings = load_settings()
     token = args.token
     if token is None:
@@ -198,28 +215,36 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise ConfigError("give --token, or --sub with GATEWAY_JWT_SECRET set to mint one")
         token = mint_token(settings.jwt_secret, args.sub, ttl_s=3600)
     host, port, path, tls = parse_ws_url(args.url)
-    sessions = list(args.session or [])
-    if not sessions:
-        if not (args.project and args.sector):
-            raise ConfigError("give --session ID (repeatable), or --project and --sector to open")
-        sessions = open_sessions(args.url, settings.topic_prefix, token, args.project, args.sector)
-        print(f"opened {len(sessions)} session(s): {', '.join(sessions)}", file=sys.stderr)
-    plan = FleetPlan(
-        host=host,
-        port=port,
-        path=path,
-        tls=tls,
-        prefix=settings.topic_prefix,
-        token=token,
-        sessions=sessions,
-        devices=args.devices,
-        records=args.records,
-        rate=args.rate,
-        window=args.window,
-        duplicates=args.duplicates,
-        processes=args.processes,
-    )
-    summary = run_fleet(plan)
+    if not (args.session or (args.project and args.sector)):
+        raise ConfigError("give --session ID (repeatable), or --project and --sector to open")
+    try:
+        sessions = list(args.session or [])
+        if not sessions:
+            sessions = open_sessions(
+                args.url, settings.topic_prefix, token, args.project, args.sector
+            )
+            print(f"opened {len(sessions)} session(s): {', '.join(sessions)}", file=sys.stderr)
+        plan = FleetPlan(
+            host=host,
+            port=port,
+            path=path,
+            tls=tls,
+            prefix=settings.topic_prefix,
+            token=token,
+            sessions=sessions,
+            devices=args.devices,
+            records=args.records,
+            rate=args.rate,
+            window=args.window,
+            duplicates=args.duplicates,
+            processes=args.processes,
+        )
+        summary = run_fleet(plan)
+    except OSError as exc:  # refused, unreachable, timed out (TimeoutError is an OSError)
+        raise SimulationError(
+            f"{exc}. Is the broker listening at {args.url} and the gateway running? "
+            "(gateway dev prints the devices' WebSocket URL)"
+        ) from None
     print(summary.describe())
     return 0 if summary.replies == summary.sent and summary.errors == 0 else 1
 

@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import ConfigError, GatewayError
+
 # --- MQTT 5 encoding (just what a device needs) ------------------------------------------------
 
 
@@ -463,6 +465,13 @@ def _plan_records(plan: FleetPlan, worker: int) -> list[list[tuple[bytes, bytes]
     return out
 
 
+RATE_TICK_S = 0.001
+
+
+class SimulationError(GatewayError):
+    """The fleet could not run: no broker, no gateway answering, a session refused."""
+
+
 class _Worker:
     """One worker process's devices, driven from one selector loop."""
 
@@ -510,7 +519,7 @@ class _Worker:
             q = self.queues[i]
             room = len(q) - self.next_i[i]
             if self.rate:
-                k = min(room, max(0, due), max(1, due // len(self.conns)))
+                k = min(room, max(0, due))  # what is due goes out together, devices in turn
             else:
                 k = min(room, plan.window - self.outstanding[i], plan.per_frame * 8)
             k = min(k, max(0, 1000 - c.unacked))  # the broker's Receive Maximum
@@ -562,13 +571,20 @@ class _Worker:
         cpu0, t0 = time.process_time(), time.perf_counter()
         result.first_send = time.time()
         last_reply = last_progress = time.perf_counter()
+        tick = t0
         while result.replies < self.total:
             if result.sent < self.total:
                 self.send_due(t0)
-            # offered rate: send in small bursts (every 2 ms) rather than spinning
-            timeout = 0.002 if self.rate and result.sent < self.total else 0.05
-            if not self.rate and result.sent < self.total:
-                timeout = 0.001
+            if self.rate and result.sent < self.total:
+                # Offered rate: work in ticks of RATE_TICK_S (send what is due, read every
+                # reply that came) rather than waking for each reply. The fleet shares the
+                # machine with what it measures; a wake-up per reply cost it twice the CPU.
+                # Replies are timed at the tick that reads them: at most one tick late.
+                tick = max(tick + RATE_TICK_S, time.perf_counter() - RATE_TICK_S)
+                time.sleep(max(0.0, tick - time.perf_counter()))
+                timeout = 0.0
+            else:
+                timeout = 0.001 if result.sent < self.total else 0.05
             if self.receive(timeout):
                 last_reply = time.perf_counter()
             if time.perf_counter() - last_reply > 60:
@@ -667,7 +683,8 @@ def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
             if isinstance(res, Exception):
                 for p in procs:
                     p.kill()
-                raise RuntimeError(f"simulator worker {w} failed: {res}") from res
+                where = f" (broker {plan.host}:{plan.port})" if isinstance(res, OSError) else ""
+                raise SimulationError(f"simulator worker {w} failed: {res}{where}") from res
             got[w] = res
         if show_progress:
             line = _bar(sum(done_by.values()), total, started)
@@ -678,7 +695,7 @@ def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
                 sys.stderr.write(line.strip() + "\n")
                 last_line = time.perf_counter()
         if all(not p.is_alive() for p in procs) and results.empty() and len(got) < plan.processes:
-            raise RuntimeError("a simulator worker died without a result")
+            raise SimulationError("a simulator worker died without a result")
         time.sleep(0.05)
     for p in procs:
         p.join(5)
@@ -712,7 +729,10 @@ def parse_ws_url(url: str) -> tuple[str, int, str | None, bool]:
     parts = urlsplit(url)
     defaults = {"ws": 80, "wss": 443, "mqtt": 1883, "mqtts": 8883}
     if parts.scheme not in defaults or not parts.hostname:
-        raise ValueError("use ws://host:9001/mqtt (devices' WebSocket) or mqtt://host:1883")
+        raise ConfigError(
+            f"broker URL {url!r}: use ws://host:9001/mqtt (devices' WebSocket), "
+            "wss://..., mqtt://host:1883 or mqtts://..."
+        )
     port = parts.port or defaults[parts.scheme]
     path = (parts.path or "/mqtt") if parts.scheme in ("ws", "wss") else None
     return parts.hostname, port, path, parts.scheme in ("wss", "mqtts")
@@ -731,7 +751,8 @@ def open_sessions(
                 f"{prefix}/sessions/open", {"projectId": project, "sectorId": sector}, token
             )
             if reply.get("status") != "success":
-                raise RuntimeError(f"cannot open a session for sector {sector}: {reply}")
+                error = reply.get("error") or reply
+                raise SimulationError(f"cannot open a session in sector {sector}: {error}")
             ids.append(str(reply["data"]["sessionId"]))
         return ids
     finally:

@@ -1,0 +1,192 @@
+"""``gateway simulate`` (SPEC §6) run as a subprocess against the real broker and gateway: its
+summary must agree with what the database stored, and its failures must say what to do."""
+
+from __future__ import annotations
+
+import re
+
+import asyncpg
+
+from gateway.app import Gateway
+from tests.support.extra_helpers import clean_env, run_cli
+from tests.support.servers import Servers
+from tests.support.tenants import JWT_SECRET, Tenant
+
+PREFIX = "hydrobit/v2"
+SUMMARY = re.compile(
+    r"(?P<replies>\d+)/(?P<sent>\d+) answered in [\d.]+ s: [\d,]+ records/s, "
+    r"reply latency p50 [\d.]+ ms p99 [\d.]+ ms, (?P<dups>\d+) duplicates \(idempotent\), "
+    r"(?P<errors>\d+) errors; fleet CPU"
+)
+
+
+def _env() -> dict[str, str]:
+    return clean_env(GATEWAY_JWT_SECRET=JWT_SECRET, GATEWAY_TOPIC_PREFIX=PREFIX)
+
+
+def _ws(servers: Servers) -> str:
+    return f"ws://{servers.mqtt_host}:{servers.ws_port}/mqtt"
+
+
+async def _ledger(database: str, session_id: str) -> tuple[int, int, int]:
+    """(ledger rows, distinct client event ids, the session's total_records) of a session."""
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS n, count(DISTINCT client_event_id) AS distinct_events,
+                      (SELECT total_records FROM production_sessions WHERE session_id = $1) AS total
+               FROM production_records WHERE session_id = $1""",
+            session_id,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row["n"]), int(row["distinct_events"]), int(row["total"])
+
+
+async def test_offered_rate_with_duplicates_stores_each_record_once(
+    servers: Servers, gateway: Gateway, tenant: Tenant, database: str
+) -> None:
+    """Opens the session itself, offers 600 records at 1,500/s with every tenth sent twice:
+    all answered, the duplicates come back idempotent, the ledger holds 600 rows."""
+    done = await run_cli(
+        "simulate",
+        "--url",
+        _ws(servers),
+        "--sub",
+        tenant.user,
+        "--project",
+        tenant.project_id,
+        "--sector",
+        tenant.sector_id,
+        "--devices",
+        "4",
+        "--records",
+        "600",
+        "--rate",
+        "1500",
+        "--duplicates",
+        "0.1",
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    opened = re.search(r"opened 1 session\(s\): (\w+)", done.stderr)
+    assert opened, done.stderr[-2000:]
+    assert "replies" in done.stderr  # the progress bar
+    summary = SUMMARY.search(done.stdout)
+    assert summary, done.stdout
+    assert int(summary["sent"]) == 660 and int(summary["replies"]) == 660
+    assert int(summary["dups"]) == 60 and int(summary["errors"]) == 0
+    assert await _ledger(database, opened[1]) == (600, 600, 600)
+
+
+async def test_saturation_over_two_processes_into_given_sessions(
+    servers: Servers, gateway: Gateway, tenant: Tenant, database: str, session_id: str
+) -> None:
+    """Saturation mode (no --rate), two worker processes, the session given by id."""
+    done = await run_cli(
+        "simulate",
+        "--url",
+        _ws(servers),
+        "--token",
+        tenant.token(),
+        "--session",
+        session_id,
+        "--devices",
+        "4",
+        "--processes",
+        "2",
+        "--records",
+        "1000",
+        "--window",
+        "50",
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = SUMMARY.search(done.stdout)
+    assert summary, done.stdout
+    assert (int(summary["replies"]), int(summary["sent"]), int(summary["errors"])) == (
+        1000,
+    ) * 2 + (0,)
+    assert await _ledger(database, session_id) == (1000, 1000, 1000)
+
+
+async def test_another_users_session_is_reported_as_errors_and_nothing_stored(
+    servers: Servers, gateway: Gateway, tenant: Tenant, database: str, session_id: str
+) -> None:
+    """A colleague's token on the owner's session: every reply is an error, the exit code says
+    so, and the ledger stays empty."""
+    done = await run_cli(
+        "simulate",
+        "--url",
+        _ws(servers),
+        "--sub",
+        tenant.other_user,
+        "--session",
+        session_id,
+        "--devices",
+        "2",
+        "--records",
+        "50",
+        env=_env(),
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
+    summary = SUMMARY.search(done.stdout)
+    assert summary, done.stdout
+    assert int(summary["errors"]) == 50
+    assert await _ledger(database, session_id) == (0, 0, 0)
+
+
+async def test_refused_open_and_unreachable_broker_say_what_to_do(
+    servers: Servers, gateway: Gateway, tenant: Tenant
+) -> None:
+    """No traceback: one line naming the cause and what to check, and a non-zero exit."""
+    refused = await run_cli(
+        "simulate",
+        "--url",
+        _ws(servers),
+        "--sub",
+        tenant.user,
+        "--project",
+        "proj_that_does_not_exist",
+        "--sector",
+        tenant.sector_id,
+        env=_env(),
+    )
+    assert refused.returncode == 1
+    assert "cannot open a session in sector" in refused.stderr and "NOT_FOUND" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    unreachable = await run_cli(
+        "simulate",
+        "--url",
+        "ws://127.0.0.1:1/mqtt",
+        "--sub",
+        tenant.user,
+        "--session",
+        "whatever",
+        "--records",
+        "5",
+        env=_env(),
+    )
+    assert unreachable.returncode == 1
+    assert "Connection refused" in unreachable.stderr and "127.0.0.1:1" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+
+
+async def test_bad_arguments_are_refused_before_connecting() -> None:
+    cases = {
+        ("--url", "http://example.com", "--sub", "u", "--session", "s"): "broker URL",
+        ("--sub", "u", "--session", "s", "--devices", "1", "--processes", "2"): "--processes",
+        ("--sub", "u", "--session", "s", "--duplicates", "1.5"): "--duplicates",
+        ("--sub", "u", "--session", "s", "--rate", "-5"): "--rate",
+        ("--sub", "u"): "give --session",
+    }
+    for args, expected in cases.items():
+        done = await run_cli("simulate", *args, env=_env())
+        assert done.returncode == 2, (args, done.stderr)
+        assert expected in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr

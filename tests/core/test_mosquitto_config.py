@@ -55,7 +55,7 @@ def test_persistence_location_is_rewritten(rendered: str, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("message_size_limit", "262144"),
+        ("message_size_limit", "1048576"),
         ("max_queued_messages", "5000000"),
         ("set_tcp_nodelay", "true"),
         ("autosave_interval", "10"),
@@ -125,3 +125,16 @@ def test_a_config_of_our_own(tmp_path: Path) -> None:
     assert values(text, "message_size_limit") == ["1024"]
     assert "# a comment with listener 1883 in it" in text.splitlines()
     assert text.endswith("\n")
+
+
+@pytest.mark.parametrize("conf", ["mosquitto.conf", "production.conf"])
+def test_broker_lets_oversize_payloads_reach_the_gateway(conf: str) -> None:
+    """Both brokers accept more than GATEWAY_MAX_PAYLOAD_BYTES, so that a payload over the
+    gateway's limit is answered PAYLOAD_TOO_LARGE rather than dropped by the broker (which an
+    MQTT 3.1.1 publisher would never learn of)."""
+    from gateway.config import Settings
+
+    default = Settings.model_fields["max_payload_bytes"].default
+    text = (PROJECT_CONF.parent / conf).read_text()
+    [limit] = values(text, "message_size_limit")
+    assert int(limit) > default

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiomqtt
 import orjson
 import pytest
 
@@ -177,6 +178,46 @@ async def test_payload_over_max_payload_bytes_is_refused(
         ok = await device.request(suffix, record())
         assert ok["status"] == "success", ok
         assert ok["data"]["idempotent"] is False
+
+
+async def test_payload_over_the_default_limit_is_answered_not_dropped_by_the_broker(
+    servers: Servers, device: Device, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """With the shipped broker config and the default GATEWAY_MAX_PAYLOAD_BYTES, a 300 KB
+    record reaches the gateway and is answered PAYLOAD_TOO_LARGE, for an MQTT 5 device (on its
+    Response Topic) and for an MQTT 3.1.1 one (on <topic>/reply: its replyTo cannot be read).
+    Were the broker's limit the gateway's, the 3.1.1 device would get a plain PUBACK and nothing
+    else (mosquitto 2.0.11 drops the message)."""
+    suffix = f"sessions/{session_id}/records"
+    raw = orjson.dumps(record(notes="x" * 300_000))
+    assert 262_144 < len(raw) < 1_048_576
+    _, error = await refuse(
+        device, database, suffix, raw, "PAYLOAD_TOO_LARGE", companies=[tenant.company_id]
+    )
+    assert error["details"] == {"limit": 262_144, "size": len(raw)}
+
+    legacy = aiomqtt.Client(
+        servers.mqtt_host,
+        servers.ws_port,
+        identifier=f"legacy-big-{secrets.token_hex(3)}",
+        protocol=aiomqtt.ProtocolVersion.V311,
+        transport="websockets",
+        websocket_path="/mqtt",
+        timeout=10,
+    )
+    body = record(notes="y" * 300_000, authorization=f"Bearer {tenant.token()}")
+    legacy_raw = orjson.dumps(body)
+    async with legacy:
+        await legacy.subscribe(f"{PREFIX}/{suffix}/reply", qos=1)
+        await legacy.publish(f"{PREFIX}/{suffix}", legacy_raw, qos=1)
+        async with asyncio.timeout(15):
+            async for msg in legacy.messages:
+                reply = orjson.loads(msg.payload)
+                if reply.get("error", {}).get("details", {}).get("size") == len(legacy_raw):
+                    break
+    assert_error(reply, "PAYLOAD_TOO_LARGE")
+    await wait_dead_letter(database, device.topic(suffix), "PAYLOAD_TOO_LARGE", payload=legacy_raw)
+    await assert_still_serving(device, session_id, database, tenant)
 
 
 # --- authentication -----------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import re
 import asyncpg
 
 from gateway.app import Gateway
-from tests.support.extra_helpers import clean_env, run_cli
+from tests.support.extra_helpers import Completed, clean_env, run_cli
 from tests.support.servers import Servers
 from tests.support.tenants import JWT_SECRET, Tenant
 
@@ -26,6 +26,15 @@ def _env() -> dict[str, str]:
 
 def _ws(servers: Servers) -> str:
     return f"ws://{servers.mqtt_host}:{servers.ws_port}/mqtt"
+
+
+async def _simulate(*args: str, expect_rc: int) -> tuple[Completed, dict[str, int]]:
+    """Run ``gateway simulate ARGS``; its exit code must be ``expect_rc``; the summary's counts."""
+    done = await run_cli("simulate", *args, env=_env(), timeout=120)
+    assert done.returncode == expect_rc, done.stdout + done.stderr[-2000:]
+    summary = SUMMARY.search(done.stdout)
+    assert summary, done.stdout
+    return done, {k: int(v) for k, v in summary.groupdict().items()}
 
 
 async def _ledger(database: str, session_id: str) -> tuple[int, int, int]:
@@ -49,35 +58,16 @@ async def test_offered_rate_with_duplicates_stores_each_record_once(
 ) -> None:
     """Opens the session itself, offers 600 records at 1,500/s with every tenth sent twice:
     all answered, the duplicates come back idempotent, the ledger holds 600 rows."""
-    done = await run_cli(
-        "simulate",
-        "--url",
-        _ws(servers),
-        "--sub",
-        tenant.user,
-        "--project",
-        tenant.project_id,
-        "--sector",
-        tenant.sector_id,
-        "--devices",
-        "4",
-        "--records",
-        "600",
-        "--rate",
-        "1500",
-        "--duplicates",
-        "0.1",
-        env=_env(),
-        timeout=120,
+    done, summary = await _simulate(
+        *("--url", _ws(servers), "--sub", tenant.user),
+        *("--project", tenant.project_id, "--sector", tenant.sector_id),
+        *("--devices", "4", "--records", "600", "--rate", "1500", "--duplicates", "0.1"),
+        expect_rc=0,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
     opened = re.search(r"opened 1 session\(s\): (\w+)", done.stderr)
     assert opened, done.stderr[-2000:]
     assert "replies" in done.stderr  # the progress bar
-    summary = SUMMARY.search(done.stdout)
-    assert summary, done.stdout
-    assert int(summary["sent"]) == 660 and int(summary["replies"]) == 660
-    assert int(summary["dups"]) == 60 and int(summary["errors"]) == 0
+    assert summary == {"replies": 660, "sent": 660, "dups": 60, "errors": 0}
     assert await _ledger(database, opened[1]) == (600, 600, 600)
 
 
@@ -85,31 +75,12 @@ async def test_saturation_over_two_processes_into_given_sessions(
     servers: Servers, gateway: Gateway, tenant: Tenant, database: str, session_id: str
 ) -> None:
     """Saturation mode (no --rate), two worker processes, the session given by id."""
-    done = await run_cli(
-        "simulate",
-        "--url",
-        _ws(servers),
-        "--token",
-        tenant.token(),
-        "--session",
-        session_id,
-        "--devices",
-        "4",
-        "--processes",
-        "2",
-        "--records",
-        "1000",
-        "--window",
-        "50",
-        env=_env(),
-        timeout=120,
+    _, summary = await _simulate(
+        *("--url", _ws(servers), "--token", tenant.token(), "--session", session_id),
+        *("--devices", "4", "--processes", "2", "--records", "1000", "--window", "50"),
+        expect_rc=0,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = SUMMARY.search(done.stdout)
-    assert summary, done.stdout
-    assert (int(summary["replies"]), int(summary["sent"]), int(summary["errors"])) == (
-        1000,
-    ) * 2 + (0,)
+    assert summary == {"replies": 1000, "sent": 1000, "dups": 0, "errors": 0}
     assert await _ledger(database, session_id) == (1000, 1000, 1000)
 
 
@@ -118,25 +89,12 @@ async def test_another_users_session_is_reported_as_errors_and_nothing_stored(
 ) -> None:
     """A colleague's token on the owner's session: every reply is an error, the exit code says
     so, and the ledger stays empty."""
-    done = await run_cli(
-        "simulate",
-        "--url",
-        _ws(servers),
-        "--sub",
-        tenant.other_user,
-        "--session",
-        session_id,
-        "--devices",
-        "2",
-        "--records",
-        "50",
-        env=_env(),
-        timeout=120,
+    _, summary = await _simulate(
+        *("--url", _ws(servers), "--sub", tenant.other_user, "--session", session_id),
+        *("--devices", "2", "--records", "50"),
+        expect_rc=1,
     )
-    assert done.returncode == 1, done.stdout + done.stderr[-2000:]
-    summary = SUMMARY.search(done.stdout)
-    assert summary, done.stdout
-    assert int(summary["errors"]) == 50
+    assert summary == {"replies": 50, "sent": 50, "dups": 0, "errors": 50}
     assert await _ledger(database, session_id) == (0, 0, 0)
 
 

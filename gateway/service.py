@@ -153,6 +153,17 @@ class Bulk:
                 if not isinstance(item, dict):
                     raise InvalidRequest(f"records[{i}] must be a JSON object")
                 rec = validate(CreateRecord, item, prefix=f"records[{i}].")
+                owner = item.get("auth0Id")
+                if owner is not None and not isinstance(owner, str):
+                    raise InvalidRequest(
+                        f"records[{i}].auth0Id must be a string",
+                        {"fields": [{"field": f"records[{i}].auth0Id", "message": "string"}]},
+                    )
+                if owner is not None and owner != who.sub:
+                    raise Forbidden(
+                        f"records[{i}].auth0Id differs from the token's subject; leave it out "
+                        "or send the token's own"
+                    )
                 if rec.sessionId is None:
                     raise InvalidRequest(
                         f"records[{i}].sessionId is required in a bulk",

@@ -85,6 +85,8 @@ async def test_bulk_with_new_duplicate_invalid_and_foreign_records(
         "not an object",  # 8 failed
         record(),  # 9 failed: no sessionId
         record(units=4.5, sessionId=session_id),  # 10 ok
+        {**record(sessionId=session_id), "auth0Id": tenant.other_user},  # 11 failed: not the sub
+        {**record(units=0.5, sessionId=session_id), "auth0Id": tenant.user},  # 12 ok: the token's
     ]
     reply = await device.request("records/bulk", {"records": items, "requestId": "bulk-1"})
     assert reply["status"] == "success", reply
@@ -92,7 +94,7 @@ async def test_bulk_with_new_duplicate_invalid_and_foreign_records(
     results = reply["results"]
     assert [r["index"] for r in results] == list(range(len(items)))
     statuses = [r["status"] for r in results]
-    assert statuses == ["ok", "duplicated", "duplicated"] + ["failed"] * 7 + ["ok"]
+    assert statuses == ["ok", "duplicated", "duplicated"] + ["failed"] * 7 + ["ok", "failed", "ok"]
     codes = [r.get("error", {}).get("code") for r in results]
     assert codes[3:10] == [
         "VALIDATION_ERROR",
@@ -103,13 +105,14 @@ async def test_bulk_with_new_duplicate_invalid_and_foreign_records(
         "VALIDATION_ERROR",
         "VALIDATION_ERROR",
     ]
+    assert codes[11] == "FORBIDDEN"
     assert results[1]["recordId"] != results[0]["recordId"]
     assert results[2]["recordId"] == results[0]["recordId"]
     assert results[0]["clientEventId"] == fresh["clientEventId"]
-    assert reply["summary"] == {"ok": 2, "duplicated": 2, "failed": 7}
+    assert reply["summary"] == {"ok": 3, "duplicated": 2, "failed": 8}
     t = await totals(device, session_id)
-    assert t["units"] == 2 + 3 + 4.5
-    assert t["records"] == 3
+    assert t["units"] == 2 + 3 + 4.5 + 0.5
+    assert t["records"] == 4
     await assert_totals_match_ledger(device, database, session_id)
 
 

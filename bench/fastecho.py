@@ -19,7 +19,7 @@ async def main(url: str, prefix: str) -> None:
         subscriptions=[f"$share/bench-fastecho/{prefix}/sessions/+/records"],
         status_topic=f"{prefix}/bench/fastecho",
         online_payload=lambda: b"online",
-        offline_payload=b"offline",
+        offline_payload=lambda: b"offline",
     )
 
     def answer(msg: Inbound) -> None:

@@ -189,7 +189,7 @@ class Gateway:
             subscriptions=self.topics.subscriptions(s.share_group),
             status_topic=self.topics.gateway_status,
             online_payload=lambda: self._status("online"),
-            offline_payload=self._status("offline"),
+            offline_payload=lambda: self._status("offline"),
         )
         link.end_session_on_stop = self.retiring
         pipeline = Pipeline(

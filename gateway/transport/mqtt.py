@@ -185,7 +185,7 @@ class MqttLink:
         subscriptions: list[str],
         status_topic: str,
         online_payload: Callable[[], bytes],
-        offline_payload: bytes,
+        offline_payload: Callable[[], bytes],
     ) -> None:
         self._settings = settings
         self._subscriptions = subscriptions
@@ -361,7 +361,7 @@ class MqttLink:
                 receive_maximum=65_535,
                 username=s.mqtt_username,
                 password=s.mqtt_password,
-                will=Will(self._status_topic, self._offline_payload, qos=1, retain=True),
+                will=Will(self._status_topic, self._offline_payload(), qos=1, retain=True),
             )
         )
         connack = await self._await(self._connack, "CONNACK")
@@ -456,7 +456,7 @@ class MqttLink:
     async def _say_goodbye(self) -> None:
         """Publish ``offline`` (retained), wait briefly for pending PUBACKs, DISCONNECT."""
         with contextlib.suppress(PublishError):
-            fut = self.publish(self._status_topic, self._offline_payload, retain=True)
+            fut = self.publish(self._status_topic, self._offline_payload(), retain=True)
             waits: list[asyncio.Future[Any]] = [
                 fut,
                 *(f for f in self._pending.values() if f is not None),

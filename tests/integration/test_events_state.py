@@ -165,10 +165,14 @@ async def test_gateway_status_online_then_offline_on_clean_stop(
     async with Watcher(servers, f"{prefix}/gateway/status") as ops:
         async with running_gateway(settings):
             online = await ops.wait_for(lambda p: p["status"] == "online")
+            await asyncio.sleep(0.05)  # so that "stopped" is a later millisecond than "started"
         offline = await ops.wait_for(lambda p: p["status"] == "offline")
     assert online[0]["instance"] == settings.mqtt_client_id
     assert set(online[0]) == {"status", "instance", "version", "at"}
     assert offline[-1]["instance"] == settings.mqtt_client_id
+    assert set(offline[-1]) == {"status", "instance", "version", "at"}
+    # a clean stop says when it stopped (the will, written at connect, cannot)
+    assert offline[-1]["at"] > online[0]["at"]
 
 
 @pytest.fixture

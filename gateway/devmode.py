@@ -81,6 +81,16 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
     pub = f"mosquitto_pub {base} -q 1 -D publish user-property authorization {shlex.quote(auth)}"
     key = f"client:{session_id}:JS0315:evt_demo_0001"
     http = f"http://127.0.0.1:{settings.http_port}"
+    env = " ".join(
+        f"{name}={shlex.quote(value)}"
+        for name, value in (
+            ("GATEWAY_DATABASE_URL", settings.database_url),
+            ("GATEWAY_MQTT_URL", f"mqtt://127.0.0.1:{mqtt_port}"),
+            ("GATEWAY_JWT_SECRET", settings.jwt_secret or ""),
+        )
+    )
+    gw = _program()
+    ws = f"ws://127.0.0.1:{ws_port}/mqtt"
     return "\n".join(
         [
             "",
@@ -100,6 +110,14 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             f"  curl -I -H 'Authorization: {auth}' \\",
             f"    '{http}/api/control/production/records/check-idempotency?key={key}'",
             "",
+            "  # 4. the other commands (token, seed, dead-letters, simulate) on this stack:",
+            f"  export {env}",
+            f"  {gw} token --sub {DEMO_USER} --ttl 1h",
+            f"  {gw} seed tenants.yaml        # companies, users, projects (SPEC §6 format)",
+            f"  {gw} dead-letters --since 1h",
+            f"  {gw} simulate --url {ws} --sub {DEMO_USER} --session {session_id} "
+            "--records 2000 --rate 500",
+            "",
             f"Demo user {DEMO_USER}, session {session_id}.",
             f"Broker: mqtt://127.0.0.1:{mqtt_port} (devices: ws://127.0.0.1:{ws_port}/mqtt)",
             f"Token (24 h): {token}",
@@ -107,6 +125,17 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             "",
         ]
     )
+
+
+def _program() -> str:
+    """How to call ``gateway`` from here: the virtualenv's script when it is not on PATH."""
+    script = Path(sys.executable).parent / "gateway"
+    if not script.is_file() or shutil.which("gateway") == str(script):
+        return "gateway"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 def run_dev(*, keep: bool = False) -> int:

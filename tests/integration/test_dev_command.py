@@ -274,7 +274,8 @@ async def test_gateway_dev_falls_back_to_free_ports(tmp_path: Path) -> None:
 
 
 async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
-    """The printed open command re-opens the demo session: the same session, idempotent."""
+    """The printed open command re-opens the demo session: the same session, idempotent; the
+    printed environment lets token, dead-letters and simulate work on the dev stack."""
     async with gateway_dev(tmp_path) as dev:
         pubs = dev.commands("mosquitto_pub")
         open_pub = next(p for p in pubs if "/sessions/open'" in p)
@@ -293,3 +294,27 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
         assert reply["data"]["sessionId"] == session_id
         assert reply["data"]["idempotent"] is True
         assert reply["requestId"] == "open-1"
+
+        export = next(ln.strip() for ln in dev.lines if ln.startswith("  export GATEWAY_"))
+        printed = dict(word.split("=", 1) for word in shlex.split(export)[1:])
+        assert set(printed) == {"GATEWAY_DATABASE_URL", "GATEWAY_MQTT_URL", "GATEWAY_JWT_SECRET"}
+        env = clean_env(**printed)
+
+        def command(name: str) -> list[str]:
+            line = next(ln.strip() for ln in dev.lines if re.match(rf"  \S*gateway {name} ", ln))
+            return shlex.split(line)
+
+        minted = await run_process(command("token"), env=env, timeout=30)
+        assert minted.returncode == 0, minted
+        claims = jwt.decode(
+            minted.stdout.strip(), printed["GATEWAY_JWT_SECRET"], algorithms=["HS256"]
+        )
+        assert claims["sub"] == "user_123456789"
+        listed = await run_process(command("dead-letters"), env=env, timeout=30)
+        assert listed.returncode == 0, listed
+        simulate = command("simulate")
+        simulate[simulate.index("--records") + 1] = "40"
+        assert simulate[simulate.index("--session") + 1] == session_id
+        simulated = await run_process(simulate, env=env, timeout=120)
+        assert simulated.returncode == 0, simulated
+        assert "40/40 answered" in simulated.stdout, simulated.stdout

@@ -376,7 +376,10 @@ class Service:
             rules.check_extension(facts.max_duration_hours, cmd.maxDurationHours, self.limits)
             deadline = rules.deadline(facts.opened_at, cmd.maxDurationHours)
             session = await tx.extend(cmd.maxDurationHours, deadline)
-            data = {**session_object(session), "previousMaxDurationHours": facts.max_duration_hours}
+            data = {
+                **session_object(session),
+                "previousMaxDurationHours": number_out(facts.max_duration_hours),
+            }
             await tx.emit([new_event(EventType.EXTENDED, session_id, data, arrival)])
             return {"maxDurationHours": number_out(cmd.maxDurationHours)}
 

@@ -88,6 +88,9 @@ async def test_lifecycle_events_are_published_once_each(
         assert p["at"].endswith("Z")
     assert mine[1]["data"]["changed"] == ["notes"]
     assert mine[2]["data"]["maxDurationHours"] == 14
+    # written as the session object writes it (12, not 12.0)
+    previous = mine[2]["data"]["previousMaxDurationHours"]
+    assert orjson.dumps(previous) == orjson.dumps(opened["data"]["maxDurationHours"])
     assert events[0]["data"]["status"] == "closed"
     assert all(
         str(m.topic) == f"{PREFIX}/sessions/{sid}/events"

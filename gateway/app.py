@@ -12,7 +12,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,6 +63,18 @@ def verifier_from(settings: Settings) -> TokenVerifier:
         issuer=settings.jwt_issuer,
         leeway_s=settings.jwt_leeway_s,
     )
+
+
+async def first_of(wanted: Coroutine[Any, Any, None], stop: Coroutine[Any, Any, bool]) -> bool:
+    """Wait for ``wanted`` unless ``stop`` comes first; True if ``wanted`` finished."""
+    want = asyncio.ensure_future(wanted)
+    halt = asyncio.ensure_future(stop)
+    try:
+        await asyncio.wait([want, halt], return_when=asyncio.FIRST_COMPLETED)
+        return want.done()
+    finally:
+        for task in (want, halt):
+            task.cancel()
 
 
 async def connect_store(settings: Settings, stopping: asyncio.Event) -> PostgresStore | None:
@@ -217,7 +229,14 @@ class Gateway:
             max_json_depth=s.max_json_depth,
             cors_origins=parse_origins(s.cors_origins),
         )
-        runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
+        try:
+            runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
+        except OSError as exc:
+            await store.close()
+            raise ConfigError(
+                f"the HTTP sidecar cannot listen on {s.http_host}:{s.http_port}: "
+                f"{exc.strerror or exc}; set GATEWAY_HTTP_PORT to a free port"
+            ) from None
         log.info("http sidecar on %s:%d", s.http_host, self.http_port)
         self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
         service.on_expired_seen = self.sweeper.nudge
@@ -242,7 +261,10 @@ class Gateway:
         if jwks is not None:
             tasks["jwks"] = asyncio.create_task(jwks.run(), name="jwks-refresh")
         try:
-            await link.wait_connected()
+            # A stop while the broker is still out of reach (first connect) must not wait for it.
+            if not await first_of(link.wait_connected(), self._stopping.wait()):
+                log.info("stopping before the broker was reached")
+                return
             # Long-lived startup objects out of the collector's way, and fewer young-generation
             # collections: the hot path allocates many short-lived objects and few cycles.
             gc.freeze()

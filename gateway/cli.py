@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -79,12 +80,12 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     from gateway.store.migrate import migrate
 
     settings = load_settings()
     setup_logging(settings.log_level, "text")
-    applied = asyncio.run(migrate(settings.database_url))
+    applied = asyncio.run(migrate(settings.database_url, wait_s=args.wait))
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
     return 0
 
@@ -279,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_retire)
 
     p = sub.add_parser("migrate", help="apply pending database migrations")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to this long for PostgreSQL to accept connections (containers starting)",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("seed", help="load companies, users, projects, sectors (YAML or JSON)")
@@ -318,8 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`gateway dead-letters | head`): stop quietly, as Python's
+        # documentation recommends, without a traceback at exit when stdout is flushed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except InvalidRequest as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
+from gateway.errors import StoreUnavailable
 from gateway.resources import data_dir
+from gateway.store.postgres import connect_error
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +49,27 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-async def migrate(dsn: str, directory: Path | None = None) -> list[int]:
+async def connect(dsn: str, wait_s: float = 0.0) -> asyncpg.Connection:
+    """One connection; while PostgreSQL is unreachable, retry for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.5
+    while True:
+        try:
+            conn: asyncpg.Connection = await asyncpg.connect(dsn)
+            return conn
+        except Exception as exc:
+            err = connect_error(exc)
+            if not isinstance(err, StoreUnavailable) or time.monotonic() + delay > deadline:
+                raise err from exc
+            log.warning("waiting for PostgreSQL: %s (retry in %.1f s)", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def migrate(dsn: str, directory: Path | None = None, *, wait_s: float = 0.0) -> list[int]:
     """Apply pending migrations; return the versions applied by this call."""
     migrations = load_migrations(directory)
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn, wait_s)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
         try:

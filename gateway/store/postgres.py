@@ -24,7 +24,7 @@ from gateway.core.events import SessionEvent
 from gateway.core.rules import SessionFacts
 from gateway.core.seedfile import SeedFile
 from gateway.core.views import Record, Session, Totals, WorkerTotals
-from gateway.errors import InvalidRequest, StoreUnavailable
+from gateway.errors import ConfigError, InvalidRequest, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,19 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "") or "")[:2] in _TRANSIENT_CLASSES
     return isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError | ConnectionError)
+
+
+def connect_error(exc: Exception) -> Exception:
+    """What a failed connect means to the person running us: wait and retry (StoreUnavailable),
+    fix the configuration (ConfigError: no such database, user or password), or a bug."""
+    if is_transient(exc):
+        return StoreUnavailable(f"cannot connect to PostgreSQL: {exc}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return ConfigError(
+            f"PostgreSQL refused the connection: {exc} (SQLSTATE {exc.sqlstate}); "
+            "check the database, user and password in GATEWAY_DATABASE_URL"
+        )
+    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,9 +292,7 @@ class PostgresStore:
                 max_inactive_connection_lifetime=300,
             )
         except Exception as exc:
-            if is_transient(exc):
-                raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-            raise
+            raise connect_error(exc) from exc
         return cls(pool, dsn)
 
     async def close(self) -> None:

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import signal
+import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 
-from tests.support.extra_helpers import clean_env, fetch, fresh_database, run_cli
+from tests.support.extra_helpers import (
+    clean_env,
+    fetch,
+    fresh_database,
+    run_cli,
+    run_process,
+)
 from tests.support.servers import Servers
 from tests.support.tenants import JWT_SECRET
 
@@ -236,3 +247,102 @@ async def test_run_with_invalid_mqtt_url_names_the_variable(
     assert done.returncode == 2, done
     assert "GATEWAY_MQTT_URL" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_run_stops_on_sigterm_while_the_broker_is_unreachable(database: str) -> None:
+    """Waiting for a broker that never answers, SIGTERM still ends ``run`` (exit 0)."""
+    env = clean_env(
+        GATEWAY_DATABASE_URL=database,
+        GATEWAY_JWT_SECRET=JWT_SECRET,
+        GATEWAY_MQTT_URL=f"mqtt://127.0.0.1:{closed_port()}",
+        GATEWAY_HTTP_PORT="0",
+        GATEWAY_LOG_FORMAT="text",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "run",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    try:
+        async with asyncio.timeout(60):
+            while "mqtt connection" not in (line := (await proc.stderr.readline()).decode()):
+                assert line, "run ended before trying the broker:\n" + "".join(seen)
+                seen.append(line)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            raise AssertionError("SIGTERM did not stop a gateway waiting for its broker") from None
+        assert code == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_run_with_the_http_port_taken_names_the_variable(database: str) -> None:
+    """Another process on GATEWAY_HTTP_PORT: exit 2 naming the variable, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = clean_env(
+            GATEWAY_DATABASE_URL=database,
+            GATEWAY_JWT_SECRET=JWT_SECRET,
+            GATEWAY_MQTT_URL=f"mqtt://127.0.0.1:{closed_port()}",
+            GATEWAY_HTTP_PORT=str(taken.getsockname()[1]),
+        )
+        done = await run_cli("run", env=env, timeout=60)
+    assert done.returncode == 2, done
+    assert "GATEWAY_HTTP_PORT" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_migrate_without_a_database_says_what_to_check(servers: Servers) -> None:
+    """Nothing listening, or no such database: a one-line error each, no traceback."""
+    down = clean_env(GATEWAY_DATABASE_URL=f"postgresql://x@127.0.0.1:{closed_port()}/x")
+    done = await run_cli("migrate", "--wait", "1", env=down, timeout=60)
+    assert done.returncode == 1, done
+    assert "waiting for PostgreSQL" in done.stderr  # --wait retried before giving up
+    assert "Is PostgreSQL running" in done.stderr
+    assert "Traceback" not in done.stderr
+    missing = clean_env(GATEWAY_DATABASE_URL=servers.dsn("no_such_database"))
+    for command in (["migrate"], ["dead-letters"]):
+        done = await run_cli(*command, env=missing, timeout=60)
+        assert done.returncode == 2, (command, done)
+        assert "GATEWAY_DATABASE_URL" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+async def test_dead_letters_into_a_closed_pipe_ends_quietly(migrated: str) -> None:
+    """``gateway dead-letters | head -c 100``: no BrokenPipeError traceback."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        await conn.execute(
+            """INSERT INTO dead_letters (topic, reason, message, payload, payload_size)
+               SELECT 'hydrobit/v2/records/bulk', 'VALIDATION_ERROR', 'bad', $1, 5000
+               FROM generate_series(1, 300)""",
+            b"x" * 5000,
+        )
+    finally:
+        await conn.close()
+    argv = [sys.executable, "-m", "gateway.cli", "dead-letters", "--json", "--limit", "300"]
+    cmd = " ".join(shlex.quote(a) for a in argv) + " | head -c 100 >/dev/null"
+    done = await run_process(
+        ["bash", "-o", "pipefail", "-c", cmd], env=clean_env(GATEWAY_DATABASE_URL=migrated)
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "BrokenPipeError" not in done.stderr, done.stderr

@@ -30,8 +30,12 @@ from gateway.core.models import (
 )
 from gateway.core.rules import Principal
 from gateway.errors import (
+    Forbidden,
+    Internal,
     InvalidRequest,
+    NotFound,
     PayloadTooLarge,
+    RateLimited,
     RequestError,
     StoreUnavailable,
     Unauthorized,
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 API = "/api/control/production"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# a record id in a path: any segment but "bulk", which names the POST-only bulk endpoint
+RECORD_ID = r"(?!bulk\Z)[^{}/]+"
 
 
 CORS_METHODS = "GET, HEAD, POST, PATCH, OPTIONS"
@@ -91,11 +97,53 @@ def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> we
     )
 
 
-def error_response(exc: BaseException) -> web.Response:
+def error_response(
+    exc: BaseException, status: int | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
+    """The SPEC §4 error envelope; ``status`` overrides the code's own (405 has no code)."""
     if isinstance(exc, StoreUnavailable):
         exc = Unavailable("the database is unavailable; retry later")
     err = as_request_error(exc)
-    return json_response({"status": "error", "error": error_body(err)}, status=err.http_status)
+    return json_response(
+        {"status": "error", "error": error_body(err)},
+        status=status or err.http_status,
+        **(headers or {}),
+    )
+
+
+_BY_STATUS: dict[int, type[RequestError]] = {
+    400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    413: PayloadTooLarge,
+    429: RateLimited,
+    503: Unavailable,
+}
+# aiohttp's own headers of a refusal that describe its plain-text body, not ours
+_BODY_HEADERS = frozenset({"content-type", "content-length", "content-encoding"})
+
+
+def http_refusal(
+    method: str, path: str, exc: web.HTTPException
+) -> tuple[RequestError, dict[str, str]]:
+    """An error aiohttp raised itself (no such route, wrong method, ...) as a SPEC §4 error,
+    with the headers to keep (``Allow`` of a 405). SPEC §4 has no code for 405: the request
+    is malformed for that path, so ``VALIDATION_ERROR``, answered with status 405."""
+    headers = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = sorted(exc.allowed_methods)
+        return InvalidRequest(
+            f"method {method} is not allowed on {path}; allowed: {', '.join(allowed)}",
+            {"method": method, "path": path, "allowed": allowed},
+        ), headers
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound(
+            f"no endpoint {method} {path}: the REST mirror is under {API}/ (SPEC §6)",
+            {"method": method, "path": path},
+        ), headers
+    kind = _BY_STATUS.get(exc.status, InvalidRequest if exc.status < 500 else Internal)
+    return kind(exc.reason, {"method": method, "path": path}), headers
 
 
 class HttpSidecar:
@@ -135,7 +183,8 @@ class HttpSidecar:
         r.add_post(f"{API}/sessions/{{session_id}}/extend", self.extend_session)
         r.add_post(f"{API}/records", self.create_record)
         r.add_post(f"{API}/records/bulk", self.bulk_records)
-        r.add_get(f"{API}/records/{{record_id}}", self.get_record)
+        # GET .../records/bulk is a wrong method (405), not a record named bulk
+        r.add_get(f"{API}/records/{{record_id:{RECORD_ID}}}", self.get_record)
         r.add_post(f"{API}/records/{{record_id}}/void", self.void_record)
 
     @web.middleware
@@ -166,8 +215,11 @@ class HttpSidecar:
             return error_response(
                 PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
             )
-        except web.HTTPException:
-            raise
+        except web.HTTPException as exc:
+            if exc.status < 400:  # a redirect is no refusal
+                raise
+            err, headers = http_refusal(request.method, request.path, exc)
+            return error_response(err, exc.status, headers)
         except (RequestError, StoreUnavailable) as exc:
             return error_response(exc)
         except Exception as exc:

@@ -196,3 +196,62 @@ async def test_cors_origins_list(servers: Servers, database: str, tenant: Tenant
                     origin if allowed else None
                 )
                 assert resp.headers["Vary"] == "Origin"
+
+
+# --- routing refusals -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/api/control/production/nope", f"{API}/sessions/abc/nope", "/healthz/x"]
+)
+async def test_unknown_routes_are_json_not_found(gateway: Gateway, path: str) -> None:
+    """A path no endpoint serves: 404 NOT_FOUND in the SPEC §4 envelope, CORS headers kept."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"http://127.0.0.1:{gateway.http_port}{path}", headers={"Origin": "https://a.example"}
+        ) as resp,
+    ):
+        assert resp.status == 404
+        assert resp.content_type == "application/json"
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        body = await resp.json()
+    assert body["status"] == "error"
+    assert body["error"]["code"] == "NOT_FOUND"
+    assert body["error"]["details"] == {"method": "GET", "path": path}
+    assert path in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("DELETE", "/sessions/65a1b2c3d4e5f6a7b8c9d0e1", "GET, HEAD, PATCH"),
+        ("PUT", "/sessions/65a1b2c3d4e5f6a7b8c9d0e1", "GET, HEAD, PATCH"),
+        ("GET", "/sessions/65a1b2c3d4e5f6a7b8c9d0e1/close", "POST"),
+        ("POST", "/records/check-idempotency", "GET, HEAD"),
+        ("GET", "/records/bulk", "POST"),
+        ("GET", "/sessions", "POST"),
+    ],
+)
+async def test_wrong_methods_are_json_405(
+    gateway: Gateway, tenant: Tenant, method: str, path: str, allowed: str
+) -> None:
+    """A known path with a method it does not serve: 405 with Allow, VALIDATION_ERROR saying
+    which methods are; GET .../records/bulk is one of these, not a record named "bulk"."""
+    headers = {"Origin": "https://a.example", "Authorization": f"Bearer {tenant.token()}"}
+    url = f"http://127.0.0.1:{gateway.http_port}{API}{path}"
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, url, headers=headers, json={}) as resp:
+            assert resp.status == 405
+            assert resp.content_type == "application/json"
+            assert resp.headers["Allow"].replace(" ", "") == allowed.replace(" ", "")
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            body = await resp.json()
+        async with http.head(f"http://127.0.0.1:{gateway.http_port}{API}/records/bulk") as resp:
+            assert resp.status == 405
+            assert resp.headers["Allow"] == "POST"
+    assert body["status"] == "error"
+    assert body["error"]["code"] == "VALIDATION_ERROR"
+    assert body["error"]["details"]["allowed"] == allowed.split(", ")
+    assert f"method {method} is not allowed" in body["error"]["message"]
+    assert allowed in body["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections import deque
 
 from gateway.errors import StoreUnavailable
@@ -33,6 +34,8 @@ class DeadLetterWriter:
     def __call__(self, refusal: Refusal) -> None:
         m = refusal.msg
         payload = refusal.payload if refusal.payload is not None else m.payload
+        size = len(payload)
+        payload = redact_tokens(payload)
         if len(self._buffer) >= MAX_BUFFERED:
             self._buffer.popleft()
             self._metrics.inc("gateway_dead_letters_dropped_total")
@@ -44,7 +47,7 @@ class DeadLetterWriter:
                 message=_text(refusal.message[:1000]),
                 auth0_id=_text(refusal.auth0_id) if refusal.auth0_id else None,
                 payload=payload[: self._cap],
-                payload_size=len(payload),
+                payload_size=size,
                 truncated=len(payload) > self._cap,
             )
         )
@@ -90,6 +93,18 @@ class DeadLetterWriter:
         self._wake.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.flush(), 5)
+
+
+# A JWT (header.claims.signature, base64url): what a 3.1.1 device puts in "authorization".
+_JWT = re.compile(rb"(eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.)[A-Za-z0-9_-]+")
+
+
+def redact_tokens(payload: bytes) -> bytes:
+    """``payload`` with every JWT's signature replaced: whoever reads the dead letters can
+    still see whose token it was (the claims), but cannot replay it."""
+    if b"eyJ" not in payload:
+        return payload
+    return _JWT.sub(rb"\1<redacted>", payload)
 
 
 def _text(value: str) -> str:

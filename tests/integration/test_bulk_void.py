@@ -263,7 +263,9 @@ async def test_dead_letters_keep_refusals_and_the_cli_lists_them(
 ) -> None:
     """Refused requests and failed bulk items are in the dead-letter table, with the CLI."""
     marker = f"dl-{os.getpid()}-{id(device)}"
-    await device.request(f"sessions/{session_id}/records", b"{" + marker.encode())
+    # broken JSON that carries the device's token as a 3.1.1 device would
+    broken = b'{"authorization": "Bearer ' + device.token.encode() + b'", ' + marker.encode()
+    await device.request(f"sessions/{session_id}/records", broken)
     bulk = await device.request(
         "records/bulk", {"records": [{"sessionId": session_id, "workerId": marker}]}
     )
@@ -297,3 +299,8 @@ async def test_dead_letters_keep_refusals_and_the_cli_lists_them(
     topics = {r["topic"] for r in rows}
     assert topics == {f"{PREFIX}/sessions/{session_id}/records", f"{PREFIX}/records/bulk"}
     assert all(r["reason"] == "VALIDATION_ERROR" for r in rows)
+    # kept, but not replayable: the token's signature is not in the table
+    stored = next(r for r in rows if r["topic"].endswith("/records"))
+    assert device.token.rsplit(".", 1)[0] + ".<redacted>" in stored["payload"]
+    assert device.token.rsplit(".", 1)[1] not in stored["payload"]
+    assert stored["payloadSize"] == len(broken)

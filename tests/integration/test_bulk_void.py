@@ -264,7 +264,9 @@ async def test_dead_letters_keep_refusals_and_the_cli_lists_them(
     """Refused requests and failed bulk items are in the dead-letter table, with the CLI."""
     marker = f"dl-{os.getpid()}-{id(device)}"
     # broken JSON that carries the device's token as a 3.1.1 device would
-    broken = b'{"authorization": "Bearer ' + device.token.encode() + b'", ' + marker.encode()
+    token = device.token
+    assert token is not None
+    broken = b'{"authorization": "Bearer ' + token.encode() + b'", ' + marker.encode()
     await device.request(f"sessions/{session_id}/records", broken)
     bulk = await device.request(
         "records/bulk", {"records": [{"sessionId": session_id, "workerId": marker}]}
@@ -301,6 +303,6 @@ async def test_dead_letters_keep_refusals_and_the_cli_lists_them(
     assert all(r["reason"] == "VALIDATION_ERROR" for r in rows)
     # kept, but not replayable: the token's signature is not in the table
     stored = next(r for r in rows if r["topic"].endswith("/records"))
-    assert device.token.rsplit(".", 1)[0] + ".<redacted>" in stored["payload"]
-    assert device.token.rsplit(".", 1)[1] not in stored["payload"]
+    assert token.rsplit(".", 1)[0] + ".<redacted>" in stored["payload"]
+    assert token.rsplit(".", 1)[1] not in stored["payload"]
     assert stored["payloadSize"] == len(broken)

@@ -87,6 +87,29 @@ def cors_headers(origin: str | None, allowed: frozenset[str] | None) -> dict[str
     }
 
 
+def bearer_header(value: str | None) -> str:
+    """The Authorization header of a request, which must carry a token in the Bearer scheme
+    (the verifier also takes a bare JWT, which 3.1.1 devices may put in a payload)."""
+    if not value:
+        raise Unauthorized("missing token: send the header Authorization: Bearer <jwt>")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "the Authorization header must use the Bearer scheme: "
+            "send the header Authorization: Bearer <jwt>"
+        )
+    return value
+
+
+def www_authenticate(authorization: str | None) -> str:
+    """The challenge of a 401 (RFC 6750 §3): ``invalid_token`` when a bearer token was sent
+    and refused, the bare scheme when none was."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return 'Bearer error="invalid_token"'
+    return "Bearer"
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -212,25 +235,38 @@ class HttpSidecar:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return error_response(
-                PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
+            return self._refuse(
+                request, PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
             )
         except web.HTTPException as exc:
             if exc.status < 400:  # a redirect is no refusal
                 raise
             err, headers = http_refusal(request.method, request.path, exc)
-            return error_response(err, exc.status, headers)
+            return self._refuse(request, err, exc.status, headers)
         except (RequestError, StoreUnavailable) as exc:
-            return error_response(exc)
+            return self._refuse(request, exc)
         except Exception as exc:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return error_response(exc)
+            return self._refuse(request, exc)
+
+    def _refuse(
+        self,
+        request: web.Request,
+        exc: BaseException,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        """The error answer to ``request``."""
+        headers = dict(headers or {})
+        response = error_response(exc, status, headers)
+        if response.status == 401:
+            response.headers["WWW-Authenticate"] = www_authenticate(
+                request.headers.get("Authorization")
+            )
+        return response
 
     async def principal(self, request: web.Request, auth0_id: str | None = None) -> Principal:
-        header = request.headers.get("Authorization")
-        if not header:
-            raise Unauthorized("missing token: send the header Authorization: Bearer <jwt>")
-        claims = self.verifier.verify(header)
+        claims = self.verifier.verify(bearer_header(request.headers.get("Authorization")))
         return await self.service.principal(claims, auth0_id)
 
     async def body(self, request: web.Request) -> tuple[dict[str, Any], Principal]:

@@ -159,6 +159,7 @@ async def test_check_idempotency_needs_a_valid_token(
     key = f"client:{session_id}:JS0315:evt_x"
     async with session.head(check_url(base, key)) as resp:
         assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
     async with session.get(check_url(base, key)) as resp:
         assert resp.status == 401
         body = await resp.json()
@@ -166,10 +167,13 @@ async def test_check_idempotency_needs_a_valid_token(
     for headers in (
         {"Authorization": "Bearer not-a-jwt"},
         {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": tenant.token()},  # a JWT without the Bearer scheme
         bearer(tenant.token(ttl_s=-3600)),
     ):
-        async with session.get(check_url(base, key), headers=headers) as resp:
-            assert resp.status == 401, headers
+        for method in ("HEAD", "GET"):
+            async with session.request(method, check_url(base, key), headers=headers) as resp:
+                assert resp.status == 401, headers
+                assert resp.headers["WWW-Authenticate"].startswith("Bearer"), headers
     async with session.get(
         check_url(base, key), headers=bearer(tenant.token(sub="ghost_user"))
     ) as resp:

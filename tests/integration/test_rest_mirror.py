@@ -255,3 +255,57 @@ async def test_wrong_methods_are_json_405(
     assert body["error"]["details"]["allowed"] == allowed.split(", ")
     assert f"method {method} is not allowed" in body["error"]["message"]
     assert allowed in body["error"]["message"]
+
+
+# --- authentication challenges --------------------------------------------------------------------
+
+
+def _expired(tenant: Tenant) -> str:
+    return f"Bearer {tenant.token(ttl_s=-3600)}"
+
+
+@pytest.mark.parametrize(
+    ("authorization", "challenge", "says"),
+    [
+        (lambda t: None, "Bearer", "Authorization: Bearer <jwt>"),
+        (lambda t: "Basic dXNlcjpwYXNz", "Bearer", "Authorization: Bearer <jwt>"),
+        (lambda t: t.token(), "Bearer", "Authorization: Bearer <jwt>"),  # no scheme at all
+        (lambda t: f"Token {t.token()}", "Bearer", "Authorization: Bearer <jwt>"),
+        (lambda t: "Bearer ", "Bearer", "Authorization: Bearer <jwt>"),
+        (lambda t: "Bearer not-a-jwt", 'Bearer error="invalid_token"', ""),
+        (lambda t: f"Bearer {t.token()}x", 'Bearer error="invalid_token"', ""),
+        (_expired, 'Bearer error="invalid_token"', "expired"),
+    ],
+    ids=["none", "basic", "bare-jwt", "other-scheme", "empty", "garbage", "forged", "expired"],
+)
+async def test_rest_401_is_a_bearer_challenge(
+    gateway: Gateway, tenant: Tenant, authorization: Any, challenge: str, says: str
+) -> None:
+    """401 carries WWW-Authenticate (RFC 6750), invalid_token when a bearer token was refused;
+    a header without the Bearer scheme is refused, even around a valid token."""
+    header = authorization(tenant)
+    headers = {} if header is None else {"Authorization": header}
+    url = f"http://127.0.0.1:{gateway.http_port}{API}/sessions"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, json=tenant.open_payload(), headers=headers) as resp,
+    ):
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == challenge
+        body = await resp.json()
+    assert body["error"]["code"] == "UNAUTHORIZED"
+    assert says in body["error"]["message"]
+
+
+async def test_rest_bearer_scheme_is_case_insensitive(gateway: Gateway, tenant: Tenant) -> None:
+    """`bearer` and `BEARER` are the Bearer scheme; a 403 is no challenge."""
+    url = f"http://127.0.0.1:{gateway.http_port}{API}/sessions/000000000000000000000000"
+    async with aiohttp.ClientSession() as http:
+        for scheme in ("bearer", "BEARER"):
+            headers = {"Authorization": f"{scheme} {tenant.token()}"}
+            async with http.get(url, headers=headers) as resp:
+                assert resp.status == 404, scheme
+        ghost = {"Authorization": f"Bearer {tenant.token(sub='ghost_user')}"}
+        async with http.get(url, headers=ghost) as resp:
+            assert resp.status == 403
+            assert "WWW-Authenticate" not in resp.headers

@@ -635,7 +635,7 @@ class FleetSummary:
         return (
             f"{self.replies}/{self.sent} answered in {self.wall_s:.2f} s: "
             f"{self.rate:,.0f} records/s, "
-            f"reply latency p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms, "
+            f"ack latency (publish to reply) p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms, "
             f"{self.idempotent} duplicates (idempotent), {self.errors} errors; "
             f"fleet CPU {self.fleet_cpu_s:.2f} s "
             f"({1e6 * self.fleet_cpu_s / max(1, self.replies):.0f} us/record)"

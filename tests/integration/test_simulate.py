@@ -15,7 +15,8 @@ from tests.support.tenants import JWT_SECRET, Tenant
 PREFIX = "hydrobit/v2"
 SUMMARY = re.compile(
     r"(?P<replies>\d+)/(?P<sent>\d+) answered in [\d.]+ s: [\d,]+ records/s, "
-    r"reply latency p50 [\d.]+ ms p99 [\d.]+ ms, (?P<dups>\d+) duplicates \(idempotent\), "
+    r"ack latency \(publish to reply\) p50 [\d.]+ ms p99 [\d.]+ ms, "
+    r"(?P<dups>\d+) duplicates \(idempotent\), "
     r"(?P<errors>\d+) errors; fleet CPU"
 )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -121,17 +122,47 @@ def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> we
 
 
 def error_response(
-    exc: BaseException, status: int | None = None, headers: dict[str, str] | None = None
+    exc: BaseException,
+    status: int | None = None,
+    headers: dict[str, str] | None = None,
+    echo: dict[str, Any] | None = None,
 ) -> web.Response:
     """The SPEC §4 error envelope; ``status`` overrides the code's own (405 has no code)."""
     if isinstance(exc, StoreUnavailable):
         exc = Unavailable("the database is unavailable; retry later")
     err = as_request_error(exc)
     return json_response(
-        {"status": "error", "error": error_body(err)},
+        {"status": "error", "error": error_body(err), **(echo or {})},
         status=status or err.http_status,
         **(headers or {}),
     )
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the sidecar learns of a request while serving it, for its answer."""
+
+    request_id: str | int | float | None = None
+    client_event_id: str | None = None
+
+    def echo(self) -> dict[str, Any]:
+        """What every answer repeats of the request, as MQTT replies do (SPEC §2)."""
+        out: dict[str, Any] = {}
+        if self.request_id is not None:
+            out["requestId"] = self.request_id
+        if self.client_event_id is not None:
+            out["clientEventId"] = self.client_event_id
+        return out
+
+
+CALL = web.RequestKey("call", _Call)
+
+
+def _call(request: web.Request) -> _Call:
+    call = request.get(CALL)
+    if call is None:
+        call = request[CALL] = _Call()
+    return call
 
 
 _BY_STATUS: dict[int, type[RequestError]] = {
@@ -258,7 +289,7 @@ class HttpSidecar:
     ) -> web.Response:
         """The error answer to ``request``."""
         headers = dict(headers or {})
-        response = error_response(exc, status, headers)
+        response = error_response(exc, status, headers, _call(request).echo())
         if response.status == 401:
             response.headers["WWW-Authenticate"] = www_authenticate(
                 request.headers.get("Authorization")
@@ -276,22 +307,29 @@ class HttpSidecar:
             raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
         )
         envelope = take_envelope(data)
+        _call(request).request_id = envelope.request_id
         envelope.check()
         return data, await self.principal(request, envelope.auth0_id)
+
+    def answer(
+        self, request: web.Request, body: dict[str, Any], status: int = 200, **headers: str
+    ) -> web.Response:
+        """A success answer, echoing what the request asked to have echoed."""
+        return json_response({**body, **_call(request).echo()}, status, **headers)
 
     # the REST mirror ----------------------------------------------------------------------
 
     async def open_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         session = await self.service.open_session(who, validate(OpenSession, data), _now())
-        return json_response(
-            {"status": "success", "data": session}, 200 if session["idempotent"] else 201
+        return self.answer(
+            request, {"status": "success", "data": session}, 200 if session["idempotent"] else 201
         )
 
     async def get_session(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
         data = await self.service.get_session(who, request.match_info["session_id"])
-        return json_response({"status": "success", "data": data})
+        return self.answer(request, {"status": "success", "data": data})
 
     async def update_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
@@ -299,14 +337,14 @@ class HttpSidecar:
         cmd = validate(UpdateSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
         out = await self.service.update_session(who, session_id, cmd, _now())
-        return json_response({"status": "success", "data": out})
+        return self.answer(request, {"status": "success", "data": out})
 
     async def close_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         session_id = request.match_info["session_id"]
         same_id(validate(SessionCommand, data).sessionId, session_id, "sessionId")
         out = await self.service.close_session(who, session_id, _now())
-        return json_response({"status": "success", "data": out})
+        return self.answer(request, {"status": "success", "data": out})
 
     async def extend_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
@@ -314,10 +352,13 @@ class HttpSidecar:
         cmd = validate(ExtendSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
         out = await self.service.extend_session(who, session_id, cmd, _now())
-        return json_response({"status": "success", "data": out})
+        return self.answer(request, {"status": "success", "data": out})
 
     async def create_record(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
+        event_id = data.get("clientEventId")
+        if isinstance(event_id, str):
+            _call(request).client_event_id = event_id
         cmd = validate(CreateRecord, data)
         if cmd.sessionId is None:
             raise InvalidRequest(
@@ -329,20 +370,20 @@ class HttpSidecar:
         )
         if isinstance(outcome, RequestError):
             raise outcome
-        body = {"status": "success", "data": outcome.data(), "clientEventId": cmd.clientEventId}
+        body = {"status": "success", "data": outcome.data()}
         if outcome.idempotent:
-            return json_response(body, 200, **{"X-Idempotent-Replay": "true"})
-        return json_response(body, 201)
+            return self.answer(request, body, 200, **{"X-Idempotent-Replay": "true"})
+        return self.answer(request, body, 201)
 
     async def bulk_records(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         bulk = await self.service.bulk_records(who, data, _now())
-        return json_response(bulk.body(), 207)
+        return self.answer(request, bulk.body(), 207)
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
         data = await self.service.get_record(who, request.match_info["record_id"])
-        return json_response({"status": "success", "data": data})
+        return self.answer(request, {"status": "success", "data": data})
 
     async def void_record(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
@@ -350,7 +391,7 @@ class HttpSidecar:
             who, request.match_info["record_id"], validate(VoidRecord, data), _now()
         )
         headers = {"X-Idempotent-Replay": "true"} if out["idempotent"] else {}
-        return json_response({"status": "success", "data": out}, 200, **headers)
+        return self.answer(request, {"status": "success", "data": out}, 200, **headers)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -373,8 +414,10 @@ class HttpSidecar:
                 "query parameter key is required, e.g. ?key=client:SESSION:WORKER:EVENT"
             )
         exists = await self.service.check_key(who, key)
-        return json_response(
-            {"status": "success", "data": {"key": key, "exists": exists}}, 200 if exists else 404
+        return self.answer(
+            request,
+            {"status": "success", "data": {"key": key, "exists": exists}},
+            200 if exists else 404,
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from gateway.app import Gateway
 from tests.conftest import gateway_settings, running_gateway
+from tests.support.devices import Device
 from tests.support.servers import Servers
 from tests.support.tenants import Tenant, record
 
@@ -309,3 +310,55 @@ async def test_rest_bearer_scheme_is_case_insensitive(gateway: Gateway, tenant: 
         async with http.get(url, headers=ghost) as resp:
             assert resp.status == 403
             assert "WWW-Authenticate" not in resp.headers
+
+
+# --- echoes ---------------------------------------------------------------------------------------
+
+
+async def test_rest_echoes_request_id_and_client_event_id(
+    rest: Rest, tenant: Tenant, device: Device
+) -> None:
+    """Like MQTT replies (SPEC §2), REST answers echo requestId and, for records, clientEventId,
+    on success and on error; nothing else in the shapes changes."""
+    status, opened, _ = await rest.call("POST", "/sessions", tenant.open_payload(requestId="r-1"))
+    assert status == 201
+    assert opened["requestId"] == "r-1"
+    assert "clientEventId" not in opened
+    sid = opened["data"]["sessionId"]
+
+    rec = record(sessionId=sid, requestId=42)
+    status, created, _ = await rest.call("POST", "/records", rec)
+    assert status == 201
+    assert set(created) == {"status", "data", "requestId", "clientEventId"}
+    assert (created["requestId"], created["clientEventId"]) == (42, rec["clientEventId"])
+    status, replay, _ = await rest.call("POST", "/records", {**rec, "requestId": "again"})
+    assert status == 200
+    assert (replay["requestId"], replay["clientEventId"]) == ("again", rec["clientEventId"])
+
+    status, body, _ = await rest.call("PATCH", f"/sessions/{sid}", {"notes": "n", "requestId": "p"})
+    assert (status, body) == (
+        200,
+        {"status": "success", "data": {"updated": True}, "requestId": "p"},
+    )
+    status, bulk, _ = await rest.call(
+        "POST", "/records/bulk", {"records": [record(sessionId=sid)], "requestId": "b"}
+    )
+    assert status == 207
+    assert set(bulk) == {"status", "results", "summary", "requestId"}
+    assert bulk["requestId"] == "b"
+
+    # errors echo them too, exactly as the MQTT reply to the same payload does
+    bad = record(sessionId=sid, requestId="r-bad")
+    del bad["worker_name"]
+    status, refused, _ = await rest.call("POST", "/records", bad)
+    assert status == 400
+    assert (refused["requestId"], refused["clientEventId"]) == ("r-bad", bad["clientEventId"])
+    assert refused == await device.request(f"sessions/{sid}/records", bad)
+    status, refused, _ = await rest.call("POST", "/sessions", {"requestId": "r-env", "auth0Id": 5})
+    assert (status, refused["requestId"]) == (400, "r-env")
+    status, refused, _ = await rest.call("POST", f"/sessions/{sid}/extend", {"requestId": "r-x"})
+    assert (status, refused["requestId"]) == (400, "r-x")
+    assert "clientEventId" not in refused
+    status, refused, _ = await rest.call("POST", "/records", raw=b"{not json")
+    assert status == 400
+    assert "requestId" not in refused

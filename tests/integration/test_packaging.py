@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.util
+import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -12,12 +13,26 @@ import pytest
 
 from tests.support.extra_helpers import PROJECT_ROOT, clean_env, run_process
 
+# What an operator creates in mosquitto/ before `docker compose up` (mosquitto/README.md): secrets
+# that must never travel inside the wheel (or the image built from it).
+SECRETS = ("mosquitto/passwd", "mosquitto/certs/server.key", "mosquitto/certs/ca.crt")
+
 
 @pytest.fixture(scope="module")
 async def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A wheel of the project, built by pip (without build isolation when hatchling is here)."""
+    """A wheel of a copy of the project in which an operator has created the broker's password
+    file and TLS key, built by pip (without build isolation when hatchling is here)."""
+    tree = tmp_path_factory.mktemp("tree") / "project"
+    shutil.copytree(
+        PROJECT_ROOT,
+        tree,
+        ignore=shutil.ignore_patterns(".venv", ".git", "*_cache", "__pycache__", "results"),
+    )
+    for secret in SECRETS:
+        (tree / secret).parent.mkdir(parents=True, exist_ok=True)
+        (tree / secret).write_text("secret\n")
     out = tmp_path_factory.mktemp("wheel")
-    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(PROJECT_ROOT)]
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(tree)]
     if importlib.util.find_spec("hatchling") is not None:
         argv.insert(5, "--no-build-isolation")
     done = await run_process(argv, timeout=300, cwd=out)
@@ -41,6 +56,9 @@ def test_wheel_holds_migrations_and_broker_config(wheel: Path) -> None:
         assert "gateway/cli.py" in names
         assert "gateway/__init__.py" in names
         assert not any(n.startswith("tests/") for n in names)
+        leaked = [n for n in names if n == "gateway/_data/mosquitto/passwd"]
+        leaked += [n for n in names if "/certs/" in n]
+        assert leaked == [], f"broker secrets in the wheel: {leaked}"
 
 
 def test_wheel_has_the_gateway_console_script(wheel: Path) -> None:

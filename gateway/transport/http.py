@@ -44,7 +44,7 @@ from gateway.errors import (
     as_request_error,
     error_body,
 )
-from gateway.metrics import Metrics
+from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.service import RecordRequest, Service
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # a record id in a path: any segment but "bulk", which names the POST-only bulk endpoint
 RECORD_ID = r"(?!bulk\Z)[^{}/]+"
 
+
+# label values of gateway_http_requests_total stay bounded: any other method is "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"})
 
 CORS_METHODS = "GET, HEAD, POST, PATCH, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
@@ -222,7 +225,8 @@ class HttpSidecar:
         self.metrics = metrics
         self._ready = ready
         self.app = web.Application(
-            middlewares=[self._cors, self._errors], client_max_size=max_payload_bytes + 1
+            middlewares=[self._count, self._cors, self._errors],
+            client_max_size=max_payload_bytes + 1,
         )
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -240,6 +244,27 @@ class HttpSidecar:
         # GET .../records/bulk is a wrong method (405), not a record named bulk
         r.add_get(f"{API}/records/{{record_id:{RECORD_ID}}}", self.get_record)
         r.add_post(f"{API}/records/{{record_id}}/void", self.void_record)
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """gateway_http_requests_total by method, route template (never the raw path) and
+        status."""
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            self._counted(request, exc.status)
+            raise
+        self._counted(request, response.status)
+        return response
+
+    def _counted(self, request: web.Request, status: int) -> None:
+        resource = request.match_info.route.resource
+        labels = (
+            ("method", request.method if request.method in METHODS else "other"),
+            ("route", resource.canonical if resource is not None else "unmatched"),
+            ("status", str(status)),
+        )
+        self.metrics.inc_labels("gateway_http_requests_total", labels)
 
     @web.middleware
     async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -404,7 +429,9 @@ class HttpSidecar:
         )
 
     async def render_metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
+        return web.Response(
+            body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        )
 
     async def check_idempotency(self, request: web.Request) -> web.Response:
         who = await self.principal(request)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from gateway.metrics import BATCH_BUCKETS, Metrics
+from gateway.metrics import BATCH_BUCKETS, HELP, Metrics
 
 
 def lines(metrics: Metrics) -> list[str]:
@@ -14,7 +17,8 @@ def lines(metrics: Metrics) -> list[str]:
 def test_empty_render_has_the_histogram() -> None:
     """With nothing counted the batch histogram is still there, all zero."""
     out = lines(Metrics())
-    assert out[0] == "# TYPE gateway_batch_size histogram"
+    assert out[0] == f"# HELP gateway_batch_size {HELP['gateway_batch_size']}"
+    assert out[1] == "# TYPE gateway_batch_size histogram"
     assert f'gateway_batch_size_bucket{{le="{BATCH_BUCKETS[0]}"}} 0' in out
     assert 'gateway_batch_size_bucket{le="+Inf"} 0' in out
     assert "gateway_batch_size_sum 0" in out
@@ -23,15 +27,21 @@ def test_empty_render_has_the_histogram() -> None:
 
 
 def test_counters() -> None:
-    """Counters are summed, sorted by name, each with its TYPE line."""
+    """Counters are summed, sorted by name, each with its HELP and TYPE lines."""
     m = Metrics()
     m.inc("gateway_requests_total")
     m.inc("gateway_requests_total", 2)
     m.inc("gateway_acks_total", 0.5)
+    m.inc("gateway_dead_letters_total", 4)
     out = lines(m)
-    assert out[:4] == [
+    assert out[:9] == [
+        "# HELP gateway_acks_total gateway_acks_total",  # undescribed: its name as help
         "# TYPE gateway_acks_total counter",
         "gateway_acks_total 0.5",
+        f"# HELP gateway_dead_letters_total {HELP['gateway_dead_letters_total']}",
+        "# TYPE gateway_dead_letters_total counter",
+        "gateway_dead_letters_total 4",
+        "# HELP gateway_requests_total gateway_requests_total",
         "# TYPE gateway_requests_total counter",
         "gateway_requests_total 3",
     ]
@@ -112,8 +122,55 @@ def test_every_sample_line_parses() -> None:
     m.observe_batch(7)
     for line in lines(m):
         if line.startswith("#"):
-            assert line.split()[1] == "TYPE"
+            assert line.split()[1] in ("HELP", "TYPE")
             continue
         name, _, value = line.rpartition(" ")
         assert name
         float(value)
+
+
+def test_every_family_has_help_then_type_once() -> None:
+    """Each family: one HELP line, then its TYPE line, then its samples (none elsewhere)."""
+    m = Metrics()
+    m.inc("gateway_records_total")
+    m.inc_labelled("gateway_refused_total", "code", "NOT_FOUND")
+    m.inc_labels("gateway_http_requests_total", (("method", "GET"), ("status", "200")))
+    m.gauge("gateway_backlog", lambda: 2)
+    out = lines(m)
+    helps = [line.split()[2] for line in out if line.startswith("# HELP ")]
+    types = [line.split()[2] for line in out if line.startswith("# TYPE ")]
+    assert helps == types
+    assert len(set(types)) == len(types)
+    for name in types:
+        at = out.index(next(line for line in out if line.startswith(f"# HELP {name} ")))
+        assert out[at + 1].startswith(f"# TYPE {name} ")
+        assert out[at + 2].startswith(name)
+
+
+def test_several_labels_and_escaping() -> None:
+    """Counters with several labels print them in the given order, values escaped."""
+    m = Metrics()
+    get = (("method", "GET"), ("route", "/a/{id}"), ("status", "200"))
+    m.inc_labels("gateway_http_requests_total", get)
+    m.inc_labels("gateway_http_requests_total", get)
+    m.inc_labels("x_total", (("v", 'a"b\\c\nd'),))
+    out = lines(m)
+    assert 'gateway_http_requests_total{method="GET",route="/a/{id}",status="200"} 2' in out
+    assert 'x_total{v="a\\"b\\\\c\\nd"} 1' in out
+    assert out.count("# TYPE gateway_http_requests_total counter") == 1
+
+
+_METRIC_NAME = re.compile(r'\.(?:inc|inc_labelled|inc_labels|gauge)\(\s*"(gateway_[a-z0-9_]+)"')
+
+
+def test_every_metric_in_use_is_described() -> None:
+    """Each metric name the gateway counts has its HELP text in gateway/metrics.py."""
+    root = Path(__file__).resolve().parents[2] / "gateway"
+    used = {
+        name
+        for path in root.rglob("*.py")
+        for name in _METRIC_NAME.findall(path.read_text(encoding="utf-8"))
+    }
+    assert "gateway_http_requests_total" in used
+    assert "gateway_refused_total" in used
+    assert used <= set(HELP), sorted(used - set(HELP))

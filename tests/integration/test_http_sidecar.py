@@ -211,20 +211,23 @@ _SAMPLE = re.compile(
     r" (?P<value>[-+]?(?:[0-9.]+(?:[eE][-+]?[0-9]+)?|NaN|\+Inf|-Inf))(?: [0-9]+)?$"
 )
 _TYPE = re.compile(r"^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary|untyped)$")
+_HELP = re.compile(r"^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) (\S.*)$")
 
 
 async def test_metrics_is_prometheus_text(
     http: tuple[aiohttp.ClientSession, str], device: Device, session_id: str
 ) -> None:
-    """GET /metrics is Prometheus text: TYPE lines once per family, well-formed samples."""
+    """GET /metrics is Prometheus text 0.0.4: HELP then TYPE once per family, well-formed
+    samples."""
     await stored_record(device, session_id)
     session, base = http
     async with session.get(f"{base}/metrics") as resp:
         assert resp.status == 200
-        assert resp.content_type == "text/plain"
+        assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = await resp.text()
     assert text.endswith("\n")
     typed: dict[str, str] = {}
+    helped: set[str] = set()
     samples: dict[str, list[tuple[str, float]]] = {}
     for line in text.splitlines():
         if not line:
@@ -234,9 +237,13 @@ async def test_metrics_is_prometheus_text(
                 m = _TYPE.match(line)
                 assert m, line
                 assert m.group(1) not in typed, f"TYPE {m.group(1)} given twice"
+                assert m.group(1) in helped, f"TYPE {m.group(1)} without HELP before it"
                 typed[m.group(1)] = m.group(2)
             else:
-                assert line.startswith("# HELP "), line
+                m = _HELP.match(line)
+                assert m, line
+                assert m.group(1) not in helped, f"HELP {m.group(1)} given twice"
+                helped.add(m.group(1))
             continue
         m = _SAMPLE.match(line)
         assert m, f"not a Prometheus sample line: {line!r}"
@@ -245,6 +252,7 @@ async def test_metrics_is_prometheus_text(
         assert name in typed or family in typed, f"{name} has no TYPE line before it"
         samples.setdefault(name, []).append((m.group("labels") or "", float(m.group("value"))))
     assert samples, text
+    assert helped == set(typed)
     for family, kind in typed.items():
         if kind != "histogram":
             continue
@@ -255,6 +263,47 @@ async def test_metrics_is_prometheus_text(
         assert buckets[-1][0] == 'le="+Inf"'
         assert samples[f"{family}_count"][0][1] == buckets[-1][1]
         assert f"{family}_sum" in samples
+
+
+async def metric_samples(session: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """Every sample of GET /metrics, keyed by its name and labels as printed."""
+    async with session.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+async def test_metrics_count_http_requests_by_route(
+    http: tuple[aiohttp.ClientSession, str], tenant: Tenant
+) -> None:
+    """gateway_http_requests_total counts answers by method, route template and status;
+    raw paths (ids, unknown paths) never become label values."""
+    session, base = http
+    name = "gateway_http_requests_total"
+    route = "/api/control/production/sessions/{session_id}"
+    by_id = f'{name}{{method="GET",route="{route}",status="404"}}'
+    unmatched = f'{name}{{method="GET",route="unmatched",status="404"}}'
+    odd = f'{name}{{method="other",route="unmatched",status="405"}}'
+    before = await metric_samples(session, base)
+    secret_id = f"sess{secrets.token_hex(8)}"
+    async with session.get(
+        f"{base}/api/control/production/sessions/{secret_id}", headers=bearer(tenant.token())
+    ) as resp:
+        assert resp.status == 404
+    async with session.get(f"{base}/nowhere-{secret_id}") as resp:
+        assert resp.status == 404
+    async with session.request("PROPFIND", f"{base}/api/control/production/sessions") as resp:
+        assert resp.status == 405
+    after = await metric_samples(session, base)
+    assert after[by_id] == before.get(by_id, 0) + 1
+    assert after[unmatched] == before.get(unmatched, 0) + 1
+    assert after[odd] == before.get(odd, 0) + 1
+    assert after[f'{name}{{method="GET",route="/metrics",status="200"}}'] >= 1
+    assert not [key for key in after if secret_id in key or "PROPFIND" in key]
 
 
 async def test_sidecar_of_a_second_gateway(servers: Servers, database: str) -> None:

@@ -17,7 +17,13 @@ from gateway.core.auth import mint_token
 from gateway.core.models import OpenSession
 from gateway.core.rules import Limits, Principal
 from gateway.core.seedfile import SeedFile
-from gateway.devstack import DevStackError, MosquittoServer, PostgresServer, free_port
+from gateway.devstack import (
+    DevStackError,
+    MosquittoServer,
+    PostgresServer,
+    free_port,
+    listens_beyond_loopback,
+)
 from gateway.logs import setup_logging
 
 DEMO_USER = "user_123456789"
@@ -120,6 +126,16 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             "",
             f"Demo user {DEMO_USER}, session {session_id}.",
             f"Broker: mqtt://127.0.0.1:{mqtt_port} (devices: ws://127.0.0.1:{ws_port}/mqtt)",
+            f"HTTP sidecar: {http} (/healthz, /readyz, /metrics, /api/control/production/...)",
+            *(
+                [
+                    f"Warning: this mosquitto listens for WebSocket on every interface (port "
+                    f"{ws_port}; mosquitto 2.0.11 ignores the loopback address) and the demo "
+                    "broker lets anyone in: use it on a trusted network, or firewall that port.",
+                ]
+                if listens_beyond_loopback(ws_port)
+                else []
+            ),
             f"Token (24 h): {token}",
             "Ctrl-C stops the gateway, the broker and the database.",
             "",

@@ -88,6 +88,24 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
+_LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 (/proc/net)
+
+
+def listens_beyond_loopback(port: int) -> bool:
+    """Does some socket listen on ``port`` on an address other than loopback (Linux)?"""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            address, _, hex_port = fields[1].partition(":")
+            if fields[3] == "0A" and int(hex_port, 16) == port and address not in _LOOPBACK_HEX:
+                return True
+    return False
+
+
 def free_port(preferred: int | None = None) -> int:
     """``preferred`` if it is free, else a free port the kernel picks."""
     if preferred and port_free(preferred):

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import jwt
 
+from gateway.devstack import listens_beyond_loopback
 from tests.support.extra_helpers import (
     PROJECT_ROOT,
     RawClient,
@@ -318,3 +319,14 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
         simulated = await run_process(simulate, env=env, timeout=120)
         assert simulated.returncode == 0, simulated
         assert "40/40 answered" in simulated.stdout, simulated.stdout
+
+
+def test_listens_beyond_loopback_tells_loopback_from_every_interface() -> None:
+    """What dev's warning about mosquitto 2.0.11's WebSocket listener relies on."""
+    for host, beyond in (("127.0.0.1", False), ("0.0.0.0", True)):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            assert not listens_beyond_loopback(port)  # bound, not yet listening
+            s.listen()
+            assert listens_beyond_loopback(port) is beyond, host

@@ -27,12 +27,18 @@ _TTL = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MAX_DURATION_S = 366 * 86400
+
+
 def parse_ttl(text: str) -> int:
-    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` -> seconds."""
+    """``90``, ``90s``, ``30m``, ``1h``, ``7d`` -> seconds (at most a year)."""
     match = _TTL.match(text.strip())
     if not match or int(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 3600, 30m, 1h or 7d")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_DURATION_S:
+        raise argparse.ArgumentTypeError(f"duration {text!r} is over a year: use at most 366d")
+    return seconds
 
 
 def install_signal_handlers(stop: Callable[[], None]) -> None:

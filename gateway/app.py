@@ -187,6 +187,7 @@ class Gateway:
         self.store = store
         service = Service(store, self.limits)
         dead_letters = DeadLetterWriter(store, self.metrics, payload_cap=s.dead_letter_payload_cap)
+        limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
         dispatcher = Dispatcher(
             service,
             self.verifier,
@@ -194,7 +195,7 @@ class Gateway:
             max_payload_bytes=s.max_payload_bytes,
             max_json_depth=s.max_json_depth,
             on_refused=dead_letters,
-            limiter=RateLimiter(s.rate_limit_per_s, s.rate_limit_burst),
+            limiter=limiter,
         )
         link = MqttLink(
             s,
@@ -228,6 +229,7 @@ class Gateway:
             max_payload_bytes=s.max_payload_bytes,
             max_json_depth=s.max_json_depth,
             cors_origins=parse_origins(s.cors_origins),
+            limiter=limiter,  # one budget per user, over MQTT and REST alike
         )
         try:
             runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)

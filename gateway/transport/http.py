@@ -8,6 +8,8 @@ Backed by the same ``Service`` as MQTT; errors map to HTTP statuses through the 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +31,7 @@ from gateway.core.models import (
     take_envelope,
     validate,
 )
+from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Principal
 from gateway.errors import (
     Forbidden,
@@ -147,6 +150,7 @@ class _Call:
 
     request_id: str | int | float | None = None
     client_event_id: str | None = None
+    retry_after_s: int | None = None  # when refused RATE_LIMITED
 
     def echo(self) -> dict[str, Any]:
         """What every answer repeats of the request, as MQTT replies do (SPEC §2)."""
@@ -216,8 +220,11 @@ class HttpSidecar:
         max_payload_bytes: int = 262_144,
         max_json_depth: int = 16,
         cors_origins: frozenset[str] | None = frozenset(),
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.cors_origins = cors_origins
+        # the MQTT dispatcher's limiter: one budget per user whichever way a request comes
+        self._limiter = limiter if limiter is not None and limiter.enabled else None
         self.max_payload_bytes = max_payload_bytes
         self.max_json_depth = max_json_depth
         self.service = service
@@ -319,13 +326,32 @@ class HttpSidecar:
             response.headers["WWW-Authenticate"] = www_authenticate(
                 request.headers.get("Authorization")
             )
+        retry_after = _call(request).retry_after_s
+        if isinstance(exc, RateLimited) and retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
         return response
 
-    async def principal(self, request: web.Request, auth0_id: str | None = None) -> Principal:
+    async def principal(
+        self, request: web.Request, auth0_id: str | None = None, cost: int = 1
+    ) -> Principal:
+        """The caller, admitted by the rate limit (a bulk costs its records, as over MQTT)."""
         claims = self.verifier.verify(bearer_header(request.headers.get("Authorization")))
-        return await self.service.principal(claims, auth0_id)
+        who = await self.service.principal(claims, auth0_id)
+        if self._limiter is not None:
+            wait = self._limiter.admit(who.sub, cost, time.monotonic())
+            if wait > 0:
+                _call(request).retry_after_s = math.ceil(wait)
+                # the MQTT reply's message and details (gateway/transport/dispatch.py)
+                raise RateLimited(
+                    f"too many requests for user {who.sub}: retry in {wait:.1f} s "
+                    f"(GATEWAY_RATE_LIMIT_PER_S = {self._limiter.rate:g})",
+                    {"retryAfterS": round(wait, 3)},
+                )
+        return who
 
-    async def body(self, request: web.Request) -> tuple[dict[str, Any], Principal]:
+    async def body(
+        self, request: web.Request, *, bulk: bool = False
+    ) -> tuple[dict[str, Any], Principal]:
         """The JSON object body (envelope fields set aside) and the caller."""
         raw = await request.read()
         data = decode_object(
@@ -334,7 +360,10 @@ class HttpSidecar:
         envelope = take_envelope(data)
         _call(request).request_id = envelope.request_id
         envelope.check()
-        return data, await self.principal(request, envelope.auth0_id)
+        cost = 1
+        if bulk and isinstance(items := data.get("records"), list):
+            cost = max(1, len(items))
+        return data, await self.principal(request, envelope.auth0_id, cost)
 
     def answer(
         self, request: web.Request, body: dict[str, Any], status: int = 200, **headers: str
@@ -401,7 +430,7 @@ class HttpSidecar:
         return self.answer(request, body, 201)
 
     async def bulk_records(self, request: web.Request) -> web.Response:
-        data, who = await self.body(request)
+        data, who = await self.body(request, bulk=True)
         bulk = await self.service.bulk_records(who, data, _now())
         return self.answer(request, bulk.body(), 207)
 

@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from gateway.app import Gateway
+from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
 from tests.support.servers import Servers
-from tests.support.tenants import Tenant, record
+from tests.support.tenants import Tenant, make_tenant, record
 
 API = "/api/control/production"
 
@@ -362,3 +364,78 @@ async def test_rest_echoes_request_id_and_client_event_id(
     status, refused, _ = await rest.call("POST", "/records", raw=b"{not json")
     assert status == 400
     assert "requestId" not in refused
+
+
+# --- rate limit -----------------------------------------------------------------------------------
+
+
+async def fetch_one(database: str, select: str, session_id: str) -> Any:
+    conn = await asyncpg.connect(database)
+    try:
+        return await conn.fetchrow(f"{select} WHERE session_id = $1", session_id)
+    finally:
+        await conn.close()
+
+
+async def records_of(database: str, session_id: str) -> int:
+    row = await fetch_one(database, "SELECT count(*) FROM production_records", session_id)
+    return int(row[0])
+
+
+async def test_rest_shares_the_users_mqtt_rate_limit(
+    servers: Servers, database: str, store: PostgresStore
+) -> None:
+    """One token bucket per user for MQTT and REST: past it, REST answers 429 RATE_LIMITED
+    with MQTT's details and Retry-After, changes nothing; health and metrics stay open."""
+    prefix = f"hb-rest-rate-{secrets.token_hex(3)}/v2"
+    tenant = await make_tenant(store)
+    # a token every 1000 s: nothing refills while the test runs
+    settings = gateway_settings(
+        servers, database, topic_prefix=prefix, rate_limit_per_s=0.001, rate_limit_burst=6
+    )
+    async with (
+        running_gateway(settings) as gw,
+        aiohttp.ClientSession() as http,
+        Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device,
+    ):
+        base = f"http://127.0.0.1:{gw.http_port}"
+        rest = Rest(http, base, tenant.token())
+        opened = await device.request("sessions/open", tenant.open_payload())  # 6 -> 5
+        sid = opened["data"]["sessionId"]
+        bulk = {"records": [record(sessionId=sid) for _ in range(3)]}
+        assert (await rest.call("POST", "/records/bulk", bulk))[0] == 207  # 5 -> 2
+        assert (await rest.call("POST", "/records", record(sessionId=sid)))[0] == 201  # 2 -> 1
+        mqtt_ok = await device.request(f"sessions/{sid}/records", record())  # 1 -> 0
+        assert mqtt_ok["status"] == "success", mqtt_ok
+
+        limited = record(sessionId=sid)
+        status, body, headers = await rest.call("POST", "/records", limited)
+        assert status == 429
+        assert body["error"]["code"] == "RATE_LIMITED"
+        assert body["error"]["details"]["retryAfterS"] > 0
+        assert "GATEWAY_RATE_LIMIT_PER_S" in body["error"]["message"]
+        assert int(headers["Retry-After"]) >= body["error"]["details"]["retryAfterS"]
+        mqtt_refused = await device.request(f"sessions/{sid}/records", limited)
+        assert mqtt_refused["error"]["code"] == "RATE_LIMITED"
+        assert set(mqtt_refused["error"]["details"]) == set(body["error"]["details"])
+        key = f"client:{sid}:{limited['workerId']}:{limited['clientEventId']}"
+        for method, path in (
+            ("GET", f"/sessions/{sid}"),
+            ("PATCH", f"/sessions/{sid}"),
+            ("POST", f"/sessions/{sid}/close"),
+            ("HEAD", f"/records/check-idempotency?key={key}"),
+            ("GET", f"/records/check-idempotency?key={key}"),
+        ):
+            status, _, headers = await rest.call(method, path, {"notes": "x"})
+            assert status == 429, (method, path)
+            assert int(headers["Retry-After"]) >= 1
+        for path in ("/healthz", "/readyz", "/metrics"):
+            async with http.get(f"{base}{path}") as resp:
+                assert resp.status == 200, path
+        # another user has a budget of their own
+        colleague = Rest(http, base, tenant.token(sub=tenant.other_user))
+        assert (await colleague.call("GET", f"/records/check-idempotency?key={key}"))[0] == 404
+        # nothing the refused requests asked for happened
+        assert await records_of(database, sid) == 5
+    row = await fetch_one(database, "SELECT status, notes FROM production_sessions", sid)
+    assert (row["status"], row["notes"]) == ("open", None)

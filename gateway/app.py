@@ -230,6 +230,7 @@ class Gateway:
             max_json_depth=s.max_json_depth,
             cors_origins=parse_origins(s.cors_origins),
             limiter=limiter,  # one budget per user, over MQTT and REST alike
+            on_refused=dead_letters,
         )
         try:
             runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)

@@ -7,11 +7,12 @@ Backed by the same ``Service`` as MQTT; errors map to HTTP statuses through the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -48,7 +49,9 @@ from gateway.errors import (
     error_body,
 )
 from gateway.metrics import CONTENT_TYPE, Metrics
-from gateway.service import RecordRequest, Service
+from gateway.service import Bulk, RecordRequest, Service
+from gateway.transport.dispatch import Refusal
+from gateway.transport.mqtt import Inbound
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +124,22 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _in_mirror(path: str) -> bool:
+    """A request to the REST mirror (not health, metrics, or a path that was never ours)."""
+    return path == API or path.startswith(f"{API}/")
+
+
 def json_response(body: dict[str, Any], status: int = 200, **headers: str) -> web.Response:
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
+
+
+def refusal_of(exc: BaseException) -> RequestError:
+    """What the REST mirror answers for ``exc`` (``StoreUnavailable`` is its 503)."""
+    if isinstance(exc, StoreUnavailable):
+        return Unavailable("the database is unavailable; retry later")
+    return as_request_error(exc)
 
 
 def error_response(
@@ -134,9 +149,7 @@ def error_response(
     echo: dict[str, Any] | None = None,
 ) -> web.Response:
     """The SPEC §4 error envelope; ``status`` overrides the code's own (405 has no code)."""
-    if isinstance(exc, StoreUnavailable):
-        exc = Unavailable("the database is unavailable; retry later")
-    err = as_request_error(exc)
+    err = refusal_of(exc)
     return json_response(
         {"status": "error", "error": error_body(err), **(echo or {})},
         status=status or err.http_status,
@@ -146,8 +159,12 @@ def error_response(
 
 @dataclass(slots=True)
 class _Call:
-    """What the sidecar learns of a request while serving it, for its answer."""
+    """What the sidecar learns of a request while serving it, for its answer and, if it is
+    refused, its dead letter."""
 
+    at: datetime = field(default_factory=_now)
+    raw: bytes | None = None  # the body as read (at most max_payload_bytes + 1)
+    sub: str | None = None  # the token's user, once verified
     request_id: str | int | float | None = None
     client_event_id: str | None = None
     retry_after_s: int | None = None  # when refused RATE_LIMITED
@@ -221,10 +238,13 @@ class HttpSidecar:
         max_json_depth: int = 16,
         cors_origins: frozenset[str] | None = frozenset(),
         limiter: RateLimiter | None = None,
+        on_refused: Callable[[Refusal], None] | None = None,
     ) -> None:
         self.cors_origins = cors_origins
         # the MQTT dispatcher's limiter: one budget per user whichever way a request comes
         self._limiter = limiter if limiter is not None and limiter.enabled else None
+        # the MQTT dispatcher's dead-letter writer: REST refusals are kept the same way
+        self._on_refused = on_refused
         self.max_payload_bytes = max_payload_bytes
         self.max_json_depth = max_json_depth
         self.service = service
@@ -295,31 +315,34 @@ class HttpSidecar:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        _call(request)  # from now on: its arrival time
         try:
             return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            return self._refuse(
-                request, PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
-            )
         except web.HTTPException as exc:
             if exc.status < 400:  # a redirect is no refusal
                 raise
             err, headers = http_refusal(request.method, request.path, exc)
-            return self._refuse(request, err, exc.status, headers)
+            return await self._refuse(request, err, exc.status, headers)
         except (RequestError, StoreUnavailable) as exc:
-            return self._refuse(request, exc)
+            return await self._refuse(request, exc)
         except Exception as exc:
             log.exception("HTTP %s %s failed", request.method, request.path)
-            return self._refuse(request, exc)
+            return await self._refuse(request, exc)
 
-    def _refuse(
+    async def _refuse(
         self,
         request: web.Request,
         exc: BaseException,
         status: int | None = None,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
-        """The error answer to ``request``."""
+        """The error answer to ``request``; a request to the REST mirror also leaves a dead
+        letter, as a refused MQTT request does."""
+        if self._on_refused is not None and _in_mirror(request.path):
+            err = refusal_of(exc)
+            with contextlib.suppress(Exception):  # the client may be gone: keep what was read
+                await self._read(request)
+            self._dead_letter(request, err.code, err.message)
         headers = dict(headers or {})
         response = error_response(exc, status, headers, _call(request).echo())
         if response.status == 401:
@@ -336,6 +359,7 @@ class HttpSidecar:
     ) -> Principal:
         """The caller, admitted by the rate limit (a bulk costs its records, as over MQTT)."""
         claims = self.verifier.verify(bearer_header(request.headers.get("Authorization")))
+        _call(request).sub = claims.sub
         who = await self.service.principal(claims, auth0_id)
         if self._limiter is not None:
             wait = self._limiter.admit(who.sub, cost, time.monotonic())
@@ -349,11 +373,49 @@ class HttpSidecar:
                 )
         return who
 
+    def _dead_letter(
+        self, request: web.Request, code: str, message: str, payload: bytes | None = None
+    ) -> None:
+        """Hand a refusal to the dead-letter writer (it buffers; nothing waits here)."""
+        assert self._on_refused is not None
+        call = _call(request)
+        query = f"?{request.query_string}" if request.query_string else ""
+        msg = Inbound(
+            topic=f"HTTP {request.method} {request.path}{query}",
+            payload=call.raw or b"",
+            qos=0,
+            mid=0,
+            response_topic=None,
+            correlation=None,
+            authorization=None,  # tokens stay out of the dead-letter table
+            received_at=call.at,
+            epoch=0,
+        )
+        self._on_refused(Refusal(msg, code, message, call.sub, payload=payload))
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, read once and at most ``max_payload_bytes + 1`` bytes of it (what a dead
+        letter keeps of an oversize body)."""
+        call = _call(request)
+        if call.raw is None:
+            limit = self.max_payload_bytes
+            raw = bytearray()
+            try:
+                while len(raw) <= limit and (
+                    chunk := await request.content.read(limit + 1 - len(raw))
+                ):
+                    raw += chunk
+            finally:  # what arrived before the client went away is kept too
+                call.raw = bytes(raw)
+        return call.raw
+
     async def body(
         self, request: web.Request, *, bulk: bool = False
     ) -> tuple[dict[str, Any], Principal]:
         """The JSON object body (envelope fields set aside) and the caller."""
-        raw = await request.read()
+        raw = await self._read(request)
+        if len(raw) > self.max_payload_bytes:
+            raise PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
         data = decode_object(
             raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
         )
@@ -432,7 +494,21 @@ class HttpSidecar:
     async def bulk_records(self, request: web.Request) -> web.Response:
         data, who = await self.body(request, bulk=True)
         bulk = await self.service.bulk_records(who, data, _now())
-        return self.answer(request, bulk.body(), 207)
+        body = bulk.body()
+        self._refuse_items(request, bulk)
+        return self.answer(request, body, 207)
+
+    def _refuse_items(self, request: web.Request, bulk: Bulk) -> None:
+        """Each failed item of a bulk leaves its own dead letter, as over MQTT."""
+        if self._on_refused is None:
+            return
+        for item, result in zip(bulk.items, bulk.results, strict=True):
+            error = result.get("error")
+            if error is not None:
+                raw = (
+                    orjson.dumps(item) if isinstance(item, dict | list | str | int | float) else b""
+                )
+                self._dead_letter(request, error["code"], error["message"], raw)
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self.principal(request)

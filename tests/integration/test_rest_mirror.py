@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
 from gateway.app import Gateway
@@ -437,5 +440,130 @@ async def test_rest_shares_the_users_mqtt_rate_limit(
         assert (await colleague.call("GET", f"/records/check-idempotency?key={key}"))[0] == 404
         # nothing the refused requests asked for happened
         assert await records_of(database, sid) == 5
+    # and each refusal is kept, as MQTT's are
+    row = await dead_letter(
+        database, f"HTTP POST {API}/records", "RATE_LIMITED", limited["clientEventId"].encode()
+    )
+    assert row["auth0_id"] == tenant.user
+    check = f"HTTP HEAD {API}/records/check-idempotency?key={key}"
+    row = await dead_letter(database, check, "RATE_LIMITED", b"")
+    assert bytes(row["payload"]) == b'{"notes": "x"}'  # what it sent, though a check reads none
     row = await fetch_one(database, "SELECT status, notes FROM production_sessions", sid)
     assert (row["status"], row["notes"]) == ("open", None)
+
+
+# --- dead letters ---------------------------------------------------------------------------------
+
+
+async def dead_letter(database: str, topic: str, reason: str, marker: bytes) -> dict[str, Any]:
+    """The dead letter of ``topic`` with ``reason`` whose kept payload contains ``marker``;
+    written in the background, so this polls (up to 15 s)."""
+    for _ in range(150):
+        row = await fetch_dead_letter(database, topic, reason, marker)
+        if row is not None:
+            return row
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no dead letter ({reason}) for {topic} holding {marker!r}")
+
+
+async def fetch_dead_letter(
+    database: str, topic: str, reason: str, marker: bytes
+) -> dict[str, Any] | None:
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            """SELECT topic, reason, message, auth0_id, payload, payload_size, truncated
+               FROM dead_letters
+               WHERE topic = $1 AND reason = $2 AND position($3::bytea in payload) > 0""",
+            topic,
+            reason,
+            marker,
+        )
+    finally:
+        await conn.close()
+    return None if row is None else dict(row)
+
+
+async def refused_counts(http: aiohttp.ClientSession, base: str) -> dict[str, float]:
+    """gateway_refused_total by code, from GET /metrics."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    found = re.findall(r'^gateway_refused_total\{code="([A-Z_]+)"\} (\S+)$', text, re.M)
+    return {code: float(value) for code, value in found}
+
+
+async def test_rest_refusals_leave_dead_letters(
+    gateway: Gateway, database: str, tenant: Tenant, session_id: str
+) -> None:
+    """Every refused REST request is kept in dead_letters (topic "HTTP <method> <path>",
+    reason, payload capped, the token's user) and counted in gateway_refused_total."""
+    base = f"http://127.0.0.1:{gateway.http_port}"
+    mark = secrets.token_hex(8)
+    good = {"Authorization": f"Bearer {tenant.token()}"}
+    ghost = {"Authorization": f"Bearer {tenant.token(sub=f'ghost_{mark}')}"}
+    body = f'{{"n": "{mark}"}}'.encode()
+    # method, path, headers, body, status, reason, the user kept (once the token is verified)
+    cases: list[tuple[str, str, dict[str, str], bytes, int, str, str | None]] = [
+        ("POST", "/sessions", good, b"{" + body, 400, "VALIDATION_ERROR", None),
+        ("POST", "/records", good, body, 400, "VALIDATION_ERROR", tenant.user),
+        ("POST", "/sessions", {}, body, 401, "UNAUTHORIZED", None),
+        ("POST", "/sessions", ghost, body, 403, "FORBIDDEN", f"ghost_{mark}"),
+        ("PUT", f"/sessions/{session_id}", good, body, 405, "VALIDATION_ERROR", None),
+        ("POST", "/records", good, body + b" " * 300_000, 413, "PAYLOAD_TOO_LARGE", None),
+    ]
+    async with aiohttp.ClientSession() as http:
+        before = await refused_counts(http, base)
+        for method, path, headers, raw, status, _, _ in cases:
+            async with http.request(method, f"{base}{API}{path}", data=raw, headers=headers) as r:
+                assert r.status == status, (method, path, await r.text())
+        after = await refused_counts(http, base)
+    for code in ("UNAUTHORIZED", "FORBIDDEN", "PAYLOAD_TOO_LARGE"):
+        assert after[code] == before.get(code, 0) + 1, code
+    assert after["VALIDATION_ERROR"] == before.get("VALIDATION_ERROR", 0) + 3
+    for method, path, _, raw, _, reason, who in cases:
+        row = await dead_letter(database, f"HTTP {method} {API}{path}", reason, mark.encode())
+        assert row["auth0_id"] == who, (method, path)
+        assert bytes(row["payload"]) == raw[: len(row["payload"])]
+        if reason == "PAYLOAD_TOO_LARGE":
+            assert row["truncated"] is True
+            assert row["payload_size"] > 262_144
+        else:
+            assert row["payload_size"] == len(raw)
+
+
+async def test_rest_bulk_failed_items_and_limits_leave_dead_letters(
+    gateway: Gateway, database: str, tenant: Tenant, session_id: str
+) -> None:
+    """A bulk's failed items are kept one by one (the item as payload), as over MQTT; answers
+    that are no refusal (a check that finds nothing) and paths outside the mirror are not."""
+    base = f"http://127.0.0.1:{gateway.http_port}"
+    good = {"Authorization": f"Bearer {tenant.token()}"}
+    mark = secrets.token_hex(8)
+    bad_item = record(sessionId=session_id, event=f"evt_{mark}", units=-1)
+    bulk = {"records": [record(sessionId=session_id), bad_item]}
+    async with aiohttp.ClientSession() as http:
+        # first the requests that must leave nothing; the writer keeps arrival order
+        async with http.get(f"{base}/nowhere/{mark}", headers=good) as r:
+            assert r.status == 404
+        check = f"{base}{API}/records/check-idempotency?key=nothing-{mark}"
+        async with http.get(check, headers=good) as r:
+            assert r.status == 404
+        async with http.post(f"{base}{API}/records/bulk", json=bulk, headers=good) as r:
+            assert r.status == 207
+            assert (await r.json())["summary"] == {"ok": 1, "duplicated": 0, "failed": 1}
+    row = await dead_letter(
+        database, f"HTTP POST {API}/records/bulk", "VALIDATION_ERROR", mark.encode()
+    )
+    assert orjson.loads(bytes(row["payload"])) == bad_item
+    assert row["auth0_id"] == tenant.user
+    conn = await asyncpg.connect(database)
+    try:
+        others = await conn.fetch(
+            """SELECT topic FROM dead_letters
+               WHERE topic LIKE $1 OR position($2::bytea in payload) > 0""",
+            f"%{mark}%",
+            mark.encode(),
+        )
+    finally:
+        await conn.close()
+    assert [r["topic"] for r in others] == [f"HTTP POST {API}/records/bulk"]

@@ -67,7 +67,9 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"}
 
 CORS_METHODS = "GET, HEAD, POST, PATCH, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
-CORS_EXPOSE = "X-Idempotent-Replay"
+# what a page may read beyond the safelisted headers: the replay flag, when to retry (429),
+# why it was refused (401) and which methods a path takes (405)
+CORS_EXPOSE = "X-Idempotent-Replay, Retry-After, WWW-Authenticate, Allow"
 CORS_MAX_AGE_S = "600"
 
 

@@ -13,7 +13,8 @@ def test_star_allows_any_origin_without_credentials() -> None:
     assert allowed is None
     headers = cors_headers("https://dashboard.farm.example", allowed)
     assert headers["Access-Control-Allow-Origin"] == "*"
-    assert headers["Access-Control-Expose-Headers"] == "X-Idempotent-Replay"
+    exposed = headers["Access-Control-Expose-Headers"].split(", ")
+    assert exposed == ["X-Idempotent-Replay", "Retry-After", "WWW-Authenticate", "Allow"]
     assert "Access-Control-Allow-Credentials" not in headers
 
 

@@ -168,10 +168,13 @@ async def test_browser_preflight_and_request(gateway: Gateway, tenant: Tenant) -
         async with http.head(url, headers=headers) as resp:
             assert resp.status == 404
             assert resp.headers["Access-Control-Allow-Origin"] == "*"
-            assert resp.headers["Access-Control-Expose-Headers"] == "X-Idempotent-Replay"
+            assert "X-Idempotent-Replay" in resp.headers["Access-Control-Expose-Headers"]
         async with http.get(f"{url}&x", headers={"Origin": page}) as resp:  # errors too
             assert resp.status == 401
             assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            # a page can read why (the challenge), and when to retry a 429
+            exposed = resp.headers["Access-Control-Expose-Headers"]
+            assert {"WWW-Authenticate", "Retry-After"} <= set(exposed.split(", "))
         async with http.get(url.replace("check-idempotency", "nothing/here")) as resp:
             assert "Access-Control-Allow-Origin" not in resp.headers  # no Origin, no CORS
 

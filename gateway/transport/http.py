@@ -1,8 +1,10 @@
 """The HTTP sidecar: the HEAD idempotency check, health, readiness, metrics and the REST mirror
 of the seeds' endpoints under ``/api/control/production``.
 
-Backed by the same ``Service`` as MQTT; errors map to HTTP statuses through the error tree
-(``StoreUnavailable`` is the REST mirror's 503 ``UNAVAILABLE``).
+Backed by the same ``Service`` as MQTT, and by the MQTT dispatcher's rate limiter and
+dead-letter writer, so a user has one budget and every refusal is kept whichever way it came.
+Errors map to HTTP statuses through the error tree (``StoreUnavailable`` is the REST mirror's
+503 ``UNAVAILABLE``); aiohttp's own refusals (404, 405, ...) get the same JSON envelope.
 """
 
 from __future__ import annotations

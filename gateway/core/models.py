@@ -254,8 +254,17 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
         )
     # Counting brackets is C-speed; only a payload that could be too deep gets walked.
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(data, max_depth):
-        raise InvalidRequest(f"payload nests deeper than {max_depth} levels")
+        raise TooDeep(f"payload nests deeper than {max_depth} levels", data)
     return data
+
+
+class TooDeep(InvalidRequest):
+    """A JSON object nested too deep: refused, but it parsed, so its envelope (``replyTo``,
+    ``requestId``) can still say where and how to answer."""
+
+    def __init__(self, message: str, data: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.data = data
 
 
 def take_envelope(data: dict[str, Any]) -> Envelope:

@@ -27,6 +27,7 @@ from gateway.core.models import (
     OpenSession,
     RecordCommand,
     SessionCommand,
+    TooDeep,
     UpdateSession,
     VoidRecord,
     decode_object,
@@ -205,9 +206,13 @@ class Dispatcher:
         ):
             return r
         try:
-            r.data = decode_object(
-                m.payload, max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
-            )
+            too_deep: TooDeep | None = None
+            try:
+                r.data = decode_object(
+                    m.payload, max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
+                )
+            except TooDeep as exc:  # refused, but its replyTo and requestId are readable
+                r.data, too_deep = exc.data, exc
             r.envelope = take_envelope(r.data)
             if m.response_topic is None and r.envelope.reply_to is not None:
                 if topics.reply_allowed(r.envelope.reply_to):
@@ -218,6 +223,8 @@ class Dispatcher:
                     )
             if bad_response_topic:
                 raise InvalidRequest("the Response Topic is not a topic replies may go to")
+            if too_deep is not None:
+                raise too_deep
             if r.route is None:
                 raise InvalidRequest(f"{m.topic} is not a request topic; see SPEC §2")
             r.envelope.check()

@@ -37,6 +37,7 @@ from gateway.core.models import (
     RecordCommand,
     RecordWithEnvelope,
     SessionCommand,
+    TooDeep,
     UpdateSession,
     VoidRecord,
     decode_object,
@@ -157,7 +158,9 @@ def decode(raw: bytes, max_bytes: int = MAX_BYTES) -> dict[str, Any] | RequestEr
     except (InvalidRequest, PayloadTooLarge) as exc:
         refused = exc
     if refused is not None:
-        assert type(refused) in (InvalidRequest, PayloadTooLarge)
+        assert type(refused) in (InvalidRequest, TooDeep, PayloadTooLarge)
+        if isinstance(refused, TooDeep):  # it parsed: the object it carries is the payload's
+            assert refused.data == orjson.loads(raw)
         assert refused.code in ("VALIDATION_ERROR", "PAYLOAD_TOO_LARGE")
         assert isinstance(refused.message, str)
         assert refused.message

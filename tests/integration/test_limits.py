@@ -10,7 +10,7 @@ import asyncpg
 
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
-from tests.support.devices import Device
+from tests.support.devices import Device, LegacyDevice
 from tests.support.servers import Servers
 from tests.support.tenants import make_tenant, record
 
@@ -85,3 +85,20 @@ async def test_deep_json_long_strings_and_big_bulks_are_refused(
     long_notes = {"notes": "n" * 2001}
     reply = await device.request(f"sessions/{session_id}/update", long_notes)
     assert reply["error"]["code"] == "VALIDATION_ERROR"
+
+
+async def test_too_deep_payload_is_answered_where_the_device_listens(
+    legacy_device: LegacyDevice, session_id: str
+) -> None:
+    """Too deep is refused, but it parsed: an MQTT 3.1.1 device gets the refusal on its
+    replyTo, with its requestId, not on <topic>/reply where it does not listen."""
+    deep: Any = "x"
+    for _ in range(40):
+        deep = {"k": deep}
+    reply = await legacy_device.request(
+        f"sessions/{session_id}/records", {**record(), "extra": deep, "requestId": "deep-1"}
+    )
+    assert reply["status"] == "error"
+    assert reply["error"]["code"] == "VALIDATION_ERROR"
+    assert "deeper" in reply["error"]["message"]
+    assert reply["requestId"] == "deep-1"

@@ -83,9 +83,13 @@ def resolve_existing(
             if by_client_key is not None
             else incoming.idempotency_key
         )
+        hint = (
+            "send a new clientEventId for a new record"
+            if by_client_key is not None
+            else "send a new idempotencyKey (or none) for a new record"
+        )
         raise IdempotencyConflict(
-            f"key {key} was already used for a record with different content; "
-            "send a new clientEventId for a new record",
+            f"key {key} was already used for a record with different content; {hint}",
             {"key": key, "fields": differing_fields(stored, incoming)},
         )
     return stored

@@ -142,6 +142,7 @@ def test_resolve_conflict_by_client_key(change: dict[str, object], fields: list[
     assert info.value.details["key"] == CKEY
     assert sorted(info.value.details["fields"]) == sorted(fields)
     assert CKEY in info.value.message
+    assert "new clientEventId" in info.value.message
 
 
 def test_resolve_conflict_when_stored_key_differs() -> None:
@@ -184,6 +185,7 @@ def test_resolve_idempotency_key_used_in_another_session() -> None:
         resolve_existing(incoming, None, stored)
     assert info.value.details["key"] == "k1"
     assert "sessionId" in info.value.details["fields"]
+    assert "new idempotencyKey" in info.value.message  # the clash is on that key
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,9 @@ class CreateRecord(_Request):
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
-        return value
+        # As PostgreSQL stores it (float8 -> numeric keeps 15 significant digits): so that
+        # 0.1 + 0.2 sent twice is one replay, and the reply shows what a get will show.
+        return float(f"{value:.15g}")
 
 
 class RecordWithEnvelope(CreateRecord):

@@ -399,3 +399,22 @@ async def test_replay_after_close_is_still_idempotent(
     assert new["error"]["code"] == "SESSION_CLOSED"
     assert len(await ledger(database, session_id)) == 1
     await assert_totals_match_ledger(device, database, session_id)
+
+
+@pytest.mark.parametrize("units", [0.1 + 0.2, 1.2345678901234567, 1e-7, 12345.678901234567])
+async def test_units_with_more_digits_than_stored_replay_and_preview_as_stored(
+    device: Device, session_id: str, database: str, units: float
+) -> None:
+    """Units beyond 15 significant digits: the preview shows what was stored (what a get and
+    the totals show), and the exact same request again is a replay, not a conflict."""
+    payload = record(units=units)
+    first = success(await device.request(f"sessions/{session_id}/records", payload))
+    again = success(await device.request(f"sessions/{session_id}/records", payload))
+    assert again["idempotent"] is True, again
+    assert again["recordId"] == first["recordId"]
+    assert again["payloadPreview"] == first["payloadPreview"]
+    got = await device.request(f"records/{first['recordId']}/get", {})
+    assert got["data"]["units"] == first["payloadPreview"]["units"]
+    rows = await ledger(database, session_id)
+    stored = next(r["units"] for r in rows if r["record_id"] == first["recordId"])
+    assert Decimal(str(first["payloadPreview"]["units"])) == stored

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ METHODS = frozenset({"GET", "HEAD", "POST", "PATCH", "PUT", "DELETE", "OPTIONS"}
 
 CORS_METHODS = "GET, HEAD, POST, PATCH, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type"
+_OURS = frozenset(h.strip().lower() for h in CORS_HEADERS.split(","))
 # what a page may read beyond the safelisted headers: the replay flag, when to retry (429),
 # why it was refused (401) and which methods a path takes (405)
 CORS_EXPOSE = "X-Idempotent-Replay, Retry-After, WWW-Authenticate, Allow"
@@ -99,6 +101,18 @@ def cors_headers(origin: str | None, allowed: frozenset[str] | None) -> dict[str
         "Access-Control-Expose-Headers": CORS_EXPOSE,
         "Vary": "Origin",
     }
+
+
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 9110 token
+
+
+def allow_headers(requested: str | None) -> str:
+    """The request headers a preflight allows: ours, plus whatever well-formed header names
+    the page asked for (a request id, say): with no cookies involved, an extra header the
+    sidecar ignores gives a page nothing it could not do without it."""
+    names = [n.strip() for n in (requested or "").split(",")]
+    extra = [n for n in names if _HEADER_NAME.match(n) and n.lower() not in _OURS][:20]
+    return ", ".join([CORS_HEADERS, *extra])
 
 
 def bearer_header(value: str | None) -> str:
@@ -305,7 +319,9 @@ class HttpSidecar:
             if "Access-Control-Allow-Origin" in headers:
                 headers |= {
                     "Access-Control-Allow-Methods": CORS_METHODS,
-                    "Access-Control-Allow-Headers": CORS_HEADERS,
+                    "Access-Control-Allow-Headers": allow_headers(
+                        request.headers.get("Access-Control-Request-Headers")
+                    ),
                     "Access-Control-Max-Age": CORS_MAX_AGE_S,
                 }
             return web.Response(status=204, headers=headers)
@@ -442,9 +458,10 @@ class HttpSidecar:
     async def open_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         session = await self.service.open_session(who, validate(OpenSession, data), _now())
-        return self.answer(
-            request, {"status": "success", "data": session}, 200 if session["idempotent"] else 201
-        )
+        if session["idempotent"]:  # the owner's open session, as for a replayed record
+            body = {"status": "success", "data": session}
+            return self.answer(request, body, 200, **{"X-Idempotent-Replay": "true"})
+        return self.answer(request, {"status": "success", "data": session}, 201)
 
     async def get_session(self, request: web.Request) -> web.Response:
         who = await self.principal(request)

@@ -50,11 +50,13 @@ async def rest(gateway: Gateway, tenant: Tenant) -> AsyncIterator[Rest]:
 
 async def test_rest_session_and_record_flow(rest: Rest, tenant: Tenant) -> None:
     """POST /sessions, POST /records (twice), GET, PATCH, extend, void, bulk, close."""
-    status, opened, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    status, opened, headers = await rest.call("POST", "/sessions", tenant.open_payload())
     assert status == 201
+    assert "X-Idempotent-Replay" not in headers
     sid = opened["data"]["sessionId"]
-    status, again, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    status, again, headers = await rest.call("POST", "/sessions", tenant.open_payload())
     assert status == 200
+    assert headers["X-Idempotent-Replay"] == "true"
     assert again["data"]["sessionId"] == sid
     assert again["data"]["idempotent"] is True
 
@@ -157,13 +159,15 @@ async def test_browser_preflight_and_request(gateway: Gateway, tenant: Tenant) -
         preflight = {
             "Origin": page,
             "Access-Control-Request-Method": "HEAD",
-            "Access-Control-Request-Headers": "authorization",
+            "Access-Control-Request-Headers": "authorization,x-request-id,bad header",
         }
         async with http.options(url, headers=preflight) as resp:
             assert resp.status == 204
             assert resp.headers["Access-Control-Allow-Origin"] == "*"
             assert "HEAD" in resp.headers["Access-Control-Allow-Methods"]
-            assert "Authorization" in resp.headers["Access-Control-Allow-Headers"]
+            allowed = [h.strip() for h in resp.headers["Access-Control-Allow-Headers"].split(",")]
+            # ours, and a page's own well-formed extra header (not a malformed name)
+            assert allowed == ["Authorization", "Content-Type", "x-request-id"]
         headers = {"Origin": page, "Authorization": f"Bearer {tenant.token()}"}
         async with http.head(url, headers=headers) as resp:
             assert resp.status == 404

@@ -319,3 +319,23 @@ async def test_gateway_answers_a_device_through_the_hardened_broker(
         closed = await device.reply(corr)
         assert closed["status"] == "success", closed
         assert closed["data"]["status"] == "closed"
+
+
+@pytest.mark.parametrize("transport", ["ws", "wss", "mqtts"])
+async def test_a_device_cannot_take_the_gateways_client_id(
+    broker: SecureBroker, transport: Transport
+) -> None:
+    """device-a connecting with the gateway's client id gets its own username as id: the
+    gateway stays connected (its persistent session, with the queued requests, is untouched)
+    and the impostor reads only device-a's replies."""
+    gateway_id = f"hydrobit-gateway-{secrets.token_hex(3)}"
+    async with broker.client("hydrobit-gateway", client_id=gateway_id) as gateway:
+        await gateway.subscribe(f"{PREFIX}/clients/#")
+        async with broker.client("device-a", client_id=gateway_id, transport=transport) as imp:
+            await imp.subscribe(f"{PREFIX}/clients/#")
+            done = marker()  # under clients/device-a/: the impostor reads it as device-a
+            # the gateway was not thrown off: it still publishes (PUBACK 0) and receives
+            assert await gateway.publish(f"{PREFIX}/clients/device-b/replies", b"secret") == 0
+            assert await gateway.publish(done, b"done") == 0
+            assert live_topics(await gateway.until(done))[-1] == done
+            assert live_topics(await imp.until(done)) == [done]

@@ -34,7 +34,7 @@ from gateway.store.migrate import load_migrations
 from gateway.store.postgres import PostgresStore
 from gateway.transport.dispatch import Dispatcher
 from gateway.transport.http import HttpSidecar, parse_origins, start_http
-from gateway.transport.mqtt import MqttLink
+from gateway.transport.mqtt import MqttLink, PublishError
 from gateway.transport.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -263,6 +263,7 @@ class Gateway:
         }
         if jwks is not None:
             tasks["jwks"] = asyncio.create_task(jwks.run(), name="jwks-refresh")
+        tasks["status"] = asyncio.create_task(self._announce(link), name="status")
         try:
             # A stop while the broker is still out of reach (first connect) must not wait for it.
             if not await first_of(link.wait_connected(), self._stopping.wait()):
@@ -285,6 +286,18 @@ class Gateway:
                     log.error("task %s failed", task.get_name(), exc_info=task.exception())
         finally:
             await self._drain(tasks, dead_letters, runner, store)
+
+    async def _announce(self, link: MqttLink) -> None:
+        """Re-publish `online` (retained) every GATEWAY_STATUS_INTERVAL_S while connected: one
+        status topic serves every replica, and a live one must outlast another's `offline`."""
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.status_interval_s)
+            if self._stopping.is_set() or not link.connected:
+                continue
+            with contextlib.suppress(PublishError):
+                sent = link.publish(self.topics.gateway_status, self._status("online"), retain=True)
+                sent.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _drain(
         self,

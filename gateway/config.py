@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     max_inflight: int = Field(default=2_000, ge=1, le=60_000)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     state_interval_s: float = Field(default=0.25, gt=0)
+    # how often a running gateway re-announces `online` (retained): with several replicas one's
+    # clean stop or crash (will) would otherwise leave `offline` standing while others serve
+    status_interval_s: float = Field(default=30.0, gt=0)
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     dead_letter_payload_cap: int = Field(default=4_096, ge=0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -196,3 +197,14 @@ def test_mqtt_endpoint_refusals(url: str) -> None:
     """Unsupported schemes and URLs without a host are refused."""
     with pytest.raises(ValueError, match=r"scheme|host"):
         MqttEndpoint(url)
+
+
+def test_every_setting_is_in_the_readme() -> None:
+    """The README's configuration table names every GATEWAY_ variable the gateway reads."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        f"GATEWAY_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`GATEWAY_{name.upper()}`" not in readme
+    ]
+    assert missing == []

@@ -178,6 +178,36 @@ async def test_gateway_status_online_then_offline_on_clean_stop(
     assert offline[-1]["at"] > online[0]["at"]
 
 
+async def test_with_two_replicas_one_stopping_leaves_the_status_online(
+    servers: Servers, database: str
+) -> None:
+    """One status topic serves every replica: when one stops cleanly (retained `offline`), the
+    one still serving re-announces `online` within GATEWAY_STATUS_INTERVAL_S, and that is what a
+    late subscriber finds."""
+    prefix = f"hb-status2-{secrets.token_hex(3)}/v2"
+    topic = f"{prefix}/gateway/status"
+    staying = gateway_settings(servers, database, topic_prefix=prefix, status_interval_s=0.2)
+    leaving = gateway_settings(servers, database, topic_prefix=prefix, status_interval_s=0.2)
+    async with running_gateway(staying):
+        async with Watcher(servers, topic) as ops:
+            async with running_gateway(leaving):
+                await ops.wait_for(lambda p: p["instance"] == leaving.mqtt_client_id)
+            gone = await ops.wait_for(lambda p: p["status"] == "offline")
+            assert gone[-1]["instance"] == leaving.mqtt_client_id
+            after = len(ops.payloads())
+            for _ in range(100):
+                later = ops.payloads()[after:]
+                if any(p["instance"] == staying.mqtt_client_id for p in later):
+                    break
+                await asyncio.sleep(0.05)
+            assert later and later[-1]["status"] == "online", later
+            assert later[-1]["instance"] == staying.mqtt_client_id
+        async with Watcher(servers, topic) as late:  # the retained message
+            retained = await late.wait_for(lambda p: True)
+        assert retained[0]["status"] == "online"
+        assert retained[0]["instance"] == staying.mqtt_client_id
+
+
 @pytest.fixture
 async def two_gateways(servers: Servers) -> AsyncIterator[tuple[str, str, list[Gateway]]]:
     """Two gateway processes' worth of gateways sharing a fresh database and a prefix."""

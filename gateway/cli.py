@@ -163,6 +163,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
+    async def prune(before: datetime) -> int:
+        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        try:
+            return await store.prune_dead_letters(before)
+        finally:
+            await store.close()
+
+    if args.prune_before is not None:
+        removed = asyncio.run(prune(args.prune_before))
+        print(f"deleted {removed} dead letter(s) received before {iso(args.prune_before)}")
+        return 0
     rows = asyncio.run(fetch())
     for row in rows:
         payload = bytes(row["payload"]).decode("utf-8", errors="replace")
@@ -304,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--prune-before",
+        type=parse_since,
+        metavar="WHEN",
+        help="delete (not list) those received before an ISO time or a duration ago (30d): "
+        "the table keeps everything until pruned, e.g. daily from cron",
+    )
     p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("simulate", help="a fleet of simulated devices over MQTT/WebSocket")

@@ -877,6 +877,14 @@ class PostgresStore:
             )
         return rows
 
+    async def prune_dead_letters(self, before: datetime) -> int:
+        """Delete the dead letters received before ``before``; how many went."""
+        async with self._conn() as conn:
+            status: str = await conn.execute(
+                "DELETE FROM dead_letters WHERE received_at < $1", before
+            )
+        return int(status.rsplit(" ", 1)[-1])
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:

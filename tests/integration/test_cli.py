@@ -347,3 +347,24 @@ async def test_dead_letters_into_a_closed_pipe_ends_quietly(migrated: str) -> No
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert "BrokenPipeError" not in done.stderr, done.stderr
+
+
+async def test_dead_letters_prune_before_deletes_only_older_rows(migrated: str) -> None:
+    """``dead-letters --prune-before 30d`` deletes what is older than 30 days, nothing newer."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        await conn.execute(
+            """INSERT INTO dead_letters (received_at, topic, reason, payload, payload_size)
+               SELECT now() - make_interval(days => d), 't', 'VALIDATION_ERROR', '', 0
+               FROM unnest(ARRAY[1, 29, 31, 90]) AS d"""
+        )
+        env = clean_env(GATEWAY_DATABASE_URL=migrated)
+        done = await run_cli("dead-letters", "--prune-before", "30d", env=env)
+        assert done.returncode == 0, done
+        assert "deleted 2 dead letter(s)" in done.stdout
+        ages = await conn.fetch(
+            "SELECT extract(day FROM now() - received_at)::int AS d FROM dead_letters ORDER BY 1"
+        )
+    finally:
+        await conn.close()
+    assert [r["d"] for r in ages] == [1, 29]

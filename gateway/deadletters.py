@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections import deque
 
 from gateway.errors import StoreUnavailable
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY_S = 0.5
 FLUSH_AT = 500
 MAX_BUFFERED = 50_000
+WARN_EVERY_S = 30.0
 
 
 class DeadLetterWriter:
@@ -30,6 +32,7 @@ class DeadLetterWriter:
         self._buffer: deque[DeadLetter] = deque()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._warned_at = -WARN_EVERY_S
 
     def __call__(self, refusal: Refusal) -> None:
         m = refusal.msg
@@ -68,7 +71,10 @@ class DeadLetterWriter:
             try:
                 await self._store.add_dead_letters(batch)
             except StoreUnavailable as exc:
-                log.warning("dead letters wait for the database: %s", exc)
+                now = time.monotonic()
+                if now - self._warned_at >= WARN_EVERY_S:  # once in a while, not every flush
+                    self._warned_at = now
+                    log.warning("%d dead letters wait for the database: %s", len(self._buffer), exc)
                 return
             except Exception:
                 await self._one_by_one(batch)

@@ -75,6 +75,7 @@ _OURS = frozenset(h.strip().lower() for h in CORS_HEADERS.split(","))
 # why it was refused (401) and which methods a path takes (405)
 CORS_EXPOSE = "X-Idempotent-Replay, Retry-After, WWW-Authenticate, Allow"
 CORS_MAX_AGE_S = "600"
+UNAVAILABLE_RETRY_AFTER_S = 2
 
 
 def parse_origins(value: str) -> frozenset[str] | None:
@@ -372,6 +373,8 @@ class HttpSidecar:
         retry_after = _call(request).retry_after_s
         if isinstance(exc, RateLimited) and retry_after is not None:
             response.headers["Retry-After"] = str(retry_after)
+        elif response.status == 503:  # the database is away: a client should come back soon
+            response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
         return response
 
     async def principal(

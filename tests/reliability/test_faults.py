@@ -127,6 +127,17 @@ async def test_database_outage_holds_requests_then_lands_them_once(stack: Privat
         for _ in range(20):  # about ten seconds of outage
             statuses.append(await readyz(gateway))
             await asyncio.sleep(0.5)
+        # the REST mirror answers 503 UNAVAILABLE meanwhile, saying when to come back
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(
+                f"http://127.0.0.1:{gateway.http_port}/api/control/production/sessions/{sid}",
+                headers={"Authorization": f"Bearer {tenant.token()}"},
+            ) as resp,
+        ):
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
+            assert int(resp.headers["Retry-After"]) >= 1
         answered_during = stream.answered
         retries = await metric(gateway, "gateway_store_retries_total") - retries_before
         assert gateway.proc is not None and gateway.proc.poll() is None  # still running

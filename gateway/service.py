@@ -7,11 +7,13 @@ rules of ``gateway.core`` and lets the store (PostgreSQL) have the final word.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, NamedTuple
+
+import orjson
 
 from gateway.core import rules
 from gateway.core.auth import Claims
@@ -186,6 +188,13 @@ class Bulk:
 
     def sink(self, i: int) -> Callable[[RecordOutcome], None]:
         return lambda outcome: self.settle(i, outcome)
+
+    def failures(self) -> Iterator[tuple[str, str, bytes]]:
+        """``(code, message, item as JSON)`` of every failed item: its dead letter."""
+        for item, result in zip(self.items, self.results, strict=True):
+            error = result.get("error")
+            if error is not None:
+                yield error["code"], error["message"], orjson.dumps(item)
 
     def body(self) -> dict[str, Any]:
         """``{"status", "results", "summary"}`` as SPEC §4 gives it."""

@@ -306,16 +306,8 @@ class Dispatcher:
         """Each failed item of a bulk goes to the dead-letter table on its own."""
         if self._on_refused is None:
             return
-        for i, result in enumerate(bulk.results):
-            error = result.get("error")
-            if error is not None:
-                item = bulk.items[i]
-                raw = (
-                    orjson.dumps(item) if isinstance(item, dict | list | str | int | float) else b""
-                )
-                self._on_refused(
-                    Refusal(r.msg, error["code"], error["message"], _sub(r), payload=raw)
-                )
+        for code, message, raw in bulk.failures():
+            self._on_refused(Refusal(r.msg, code, message, _sub(r), payload=raw))
 
     async def _create_records(self, records: list[tuple[Sink, RecordRequest]]) -> None:
         if not records:

@@ -526,13 +526,8 @@ class HttpSidecar:
         """Each failed item of a bulk leaves its own dead letter, as over MQTT."""
         if self._on_refused is None:
             return
-        for item, result in zip(bulk.items, bulk.results, strict=True):
-            error = result.get("error")
-            if error is not None:
-                raw = (
-                    orjson.dumps(item) if isinstance(item, dict | list | str | int | float) else b""
-                )
-                self._dead_letter(request, error["code"], error["message"], raw)
+        for code, message, raw in bulk.failures():
+            self._dead_letter(request, code, message, raw)
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self.principal(request)

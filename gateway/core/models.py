@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, NamedTuple, TypeVar
 
 import orjson
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,13 +41,20 @@ def _parse_instant(value: object) -> datetime:
         raise ValueError("must include a time, e.g. 2025-10-19T14:30:00.000Z")
     try:
         parsed = datetime.fromisoformat(text)
-        if parsed.tzinfo is None:
-            return parsed.replace(tzinfo=UTC)
-        return parsed.astimezone(UTC)
+        parsed = parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
     except (ValueError, OverflowError):
         raise ValueError(
             "must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z"
         ) from None
+    # Milliseconds, as every reply writes it: a device that sends back what it was shown
+    # (...00.123Z for ...00.1234Z) sends the same instant, not a conflicting one.
+    return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+
+
+def as_stored(value: float) -> float:
+    """A number as PostgreSQL keeps it (float8 -> numeric: 15 significant digits), so that
+    a replay compares equal and a reply shows what a get will show."""
+    return float(f"{value:.15g}")
 
 
 Instant = Annotated[datetime, BeforeValidator(_parse_instant)]
@@ -55,6 +63,7 @@ Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX)]
 Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
+Amount = Annotated[NonNegative, AfterValidator(as_stored)]  # units, prices: stored as numeric
 Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
 
 
@@ -84,7 +93,7 @@ class OpenSession(_Request):
     sectorId: Id | None = None
     sector_name: Name | None = None
     samplingUnit: Name | None = None
-    pricePerUnit: NonNegative | None = None
+    pricePerUnit: Amount | None = None
     bonus: Bonus | None = None
     maxDurationHours: Positive | None = None
     notes: Notes | None = None
@@ -95,7 +104,7 @@ class UpdateSession(_Request):
 
     sessionId: Id | None = None
     samplingUnit: Name | None = None
-    pricePerUnit: NonNegative | None = None
+    pricePerUnit: Amount | None = None
     bonus: Bonus | None = None
     notes: Notes | None = None
 
@@ -129,9 +138,7 @@ class CreateRecord(_Request):
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
-        # As PostgreSQL stores it (float8 -> numeric keeps 15 significant digits): so that
-        # 0.1 + 0.2 sent twice is one replay, and the reply shows what a get will show.
-        return float(f"{value:.15g}")
+        return as_stored(value)  # 0.1 + 0.2 sent twice is one replay
 
 
 class RecordWithEnvelope(CreateRecord):
@@ -180,6 +187,13 @@ class BulkRecords(_Request):
 
 class VoidRecord(_Request):
     reason: Annotated[StrictStr, Field(min_length=1, max_length=NOTES_MAX)]
+
+    @field_validator("reason")
+    @classmethod
+    def _said(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must say why (not only spaces)")
+        return value
 
 
 class RecordCommand(_Request):

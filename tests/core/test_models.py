@@ -339,13 +339,15 @@ def test_validate_refuses_a_non_object() -> None:
         pytest.param("2025-10-19T03:30:00-11:00", AT, id="minus-eleven"),
         pytest.param("2025-10-19T14:30:00", AT, id="naive-is-utc"),
         pytest.param("2025-10-19T14:30:00.000", AT, id="naive-millis"),
+        # kept to the millisecond, as replies write it (a device may send back what it saw)
         pytest.param(
-            "2025-10-19T14:30:00.123456Z", AT.replace(microsecond=123456), id="microseconds"
+            "2025-10-19T14:30:00.123456Z", AT.replace(microsecond=123000), id="microseconds"
         ),
+        pytest.param("2025-10-19T14:30:00.1239Z", AT.replace(microsecond=123000), id="truncated"),
     ],
 )
 def test_recorded_at_parsing(text: str, expected: datetime) -> None:
-    """recordedAtUtc in ISO 8601 is read as an instant and held in UTC."""
+    """recordedAtUtc in ISO 8601 is read as an instant, held in UTC to the millisecond."""
     parsed = validate(CreateRecord, record(recordedAtUtc=text)).recordedAtUtc
     assert parsed == expected
     assert parsed.utcoffset() == timedelta(0)

@@ -213,7 +213,7 @@ async def test_void_refusals(
 ) -> None:
     """Reason required; owner only; other company sees nothing; closed session refuses."""
     rid = (await device.request(f"sessions/{session_id}/records", record()))["data"]["recordId"]
-    for payload in ({}, {"reason": ""}, {"reason": 5}):
+    for payload in ({}, {"reason": ""}, {"reason": "  \n "}, {"reason": 5}):
         reply = await device.request(f"records/{rid}/void", payload)
         assert reply["error"]["code"] == "VALIDATION_ERROR", payload
     async with Device(

@@ -418,3 +418,22 @@ async def test_units_with_more_digits_than_stored_replay_and_preview_as_stored(
     rows = await ledger(database, session_id)
     stored = next(r["units"] for r in rows if r["record_id"] == first["recordId"])
     assert Decimal(str(first["payloadPreview"]["units"])) == stored
+
+
+async def test_recorded_at_beyond_milliseconds_replays_as_shown(
+    device: Device, session_id: str
+) -> None:
+    """A time sent with microseconds is kept, and shown, to the millisecond: sending back the
+    time a reply showed is a replay (it was a conflict, inviting a second, paid, record)."""
+    payload = record(recordedAtUtc="2026-01-02T03:04:05.123456Z")
+    first = success(await device.request(f"sessions/{session_id}/records", payload))
+    shown = first["payloadPreview"]["recordedAtUtc"]
+    assert shown == "2026-01-02T03:04:05.123Z"
+    for sent in (shown, "2026-01-02T03:04:05.1239Z", payload["recordedAtUtc"]):
+        again = success(
+            await device.request(
+                f"sessions/{session_id}/records", {**payload, "recordedAtUtc": sent}
+            )
+        )
+        assert again["idempotent"] is True, sent
+        assert again["recordId"] == first["recordId"]

@@ -252,3 +252,26 @@ async def test_extend_revives_a_session_before_its_deadline(
     assert got["expiresAt"] > soon.strftime("%Y-%m-%dT%H:%M:%S")
     rec = await device.request(f"sessions/{session_id}/records", record())
     assert rec["status"] == "success"
+
+
+@pytest.mark.parametrize("price", [1.0000000000000002, 123456789.123456789, 5.549999999999999])
+async def test_price_is_kept_alike_on_open_and_on_update(
+    device: Device, tenant: Tenant, price: float
+) -> None:
+    """A price with more digits than PostgreSQL keeps is stored the same way whether it came
+    with the open or with an update (it was 17 digits one way and 15 the other)."""
+    sector = tenant.extra_sectors[0]
+    opened = await device.request(
+        "sessions/open", tenant.open_payload(sectorId=sector, pricePerUnit=price)
+    )
+    assert opened["status"] == "success", opened
+    sid = opened["data"]["sessionId"]
+    try:
+        on_open = (await device.request(f"sessions/{sid}/get", {}))["data"]["pricePerUnit"]
+        await device.request(f"sessions/{sid}/update", {"pricePerUnit": 7})
+        updated = await device.request(f"sessions/{sid}/update", {"pricePerUnit": price})
+        assert updated["status"] == "success", updated
+        on_update = (await device.request(f"sessions/{sid}/get", {}))["data"]["pricePerUnit"]
+    finally:
+        await device.request(f"sessions/{sid}/close", {})
+    assert on_open == on_update == float(f"{price:.15g}")

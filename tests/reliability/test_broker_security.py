@@ -24,6 +24,7 @@ from tests.support.extra_broker import (
     SecureBroker,
     Transport,
     connect_refusal,
+    correlation_of,
     live_topics,
     mosquitto_passwd_binary,
     secure_broker,
@@ -296,6 +297,11 @@ async def test_gateway_answers_a_device_through_the_hardened_broker(
         share_group=f"gw-{secrets.token_hex(3)}",
     )
     assert settings.mqtt.tls == (gateway_transport in ("mqtts", "wss"))
+    # On mqtts and wss the broker makes the username the client id: the earlier cases' gateway
+    # left a persistent session "hydrobit-gateway" subscribed to *their* group, which this one
+    # would resume and get every request twice. A clean start on 1883 ends that session first.
+    async with broker.client("hydrobit-gateway", client_id="hydrobit-gateway"):
+        pass
     async with (
         running_gateway(settings),
         broker.client("device-a", transport=device_transport) as device,
@@ -319,6 +325,16 @@ async def test_gateway_answers_a_device_through_the_hardened_broker(
         closed = await device.reply(corr)
         assert closed["status"] == "success", closed
         assert closed["data"]["status"] == "closed"
+        # each request answered once: nothing more carries the close's correlation data by the
+        # time a later request is answered
+        code, last = await device.request(f"sessions/{session_id}/get", {}, token=tenant.token())
+        assert code == 0
+        extra = []
+        async with asyncio.timeout(WAIT_S):
+            while (msg := await device.inbox.get()) and correlation_of(msg) != last:
+                if correlation_of(msg) is not None:
+                    extra.append(msg.payload)
+        assert extra == []
 
 
 @pytest.mark.parametrize("transport", ["ws", "wss", "mqtts"])

@@ -339,11 +339,16 @@ class BrokerUser(ReadingClient):
         async with asyncio.timeout(timeout):
             while True:
                 msg = await self.inbox.get()
-                corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
-                if corr == correlation:
+                if correlation_of(msg) == correlation:
                     data = orjson.loads(msg.payload)
                     assert isinstance(data, dict), data
                     return data
+
+
+def correlation_of(msg: aiomqtt.Message) -> bytes | None:
+    """The message's MQTT 5 Correlation Data, if it carries one."""
+    corr = getattr(msg.properties, "CorrelationData", None) if msg.properties else None
+    return bytes(corr) if corr is not None else None
 
 
 def live_topics(messages: list[aiomqtt.Message]) -> list[str]:

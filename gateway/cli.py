@@ -106,6 +106,14 @@ def cmd_seed(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ConfigError(f"seed file {path} not found")
     seed = parse_seed(path.read_text(encoding="utf-8"), name=path.name)
+    for project in seed.projects:
+        if project.maxDurationHours > settings.max_session_hours:
+            raise ConfigError(
+                f"{path.name}: project {project.projectId} has maxDurationHours "
+                f"{project.maxDurationHours:g}, above GATEWAY_MAX_SESSION_HOURS "
+                f"({settings.max_session_hours:g}): its sessions could not open without an "
+                "explicit maxDurationHours; lower it (or raise the limit)"
+            )
 
     async def apply() -> dict[str, int]:
         store = await PostgresStore.connect(settings.database_url, max_size=1)

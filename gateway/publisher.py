@@ -223,10 +223,14 @@ class Publisher:
         return all(ok)
 
     def _publish_state(self, session: Session) -> asyncio.Future[None]:
+        try:
+            body = orjson.dumps(session_object(session))
+        except Exception:  # one session that cannot be shown must not hold back all the others
+            log.exception("state of session %s cannot be rendered; skipped", session.session_id)
+            skipped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            skipped.set_result(None)
+            return skipped
         expiry = self._settings.state_retain_s if session.facts.status == "closed" else None
         return self._link.publish(
-            self._topics.state(session.session_id),
-            orjson.dumps(session_object(session)),
-            retain=True,
-            expiry_s=expiry,
+            self._topics.state(session.session_id), body, retain=True, expiry_s=expiry
         )

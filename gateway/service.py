@@ -275,8 +275,12 @@ class Service:
                 "openedAt is in the future; check the device clock",
                 {"fields": [{"field": "openedAt", "message": "is in the future"}]},
             )
-        hours = cmd.maxDurationHours or project.max_duration_hours
-        rules.check_duration(hours, self.limits)
+        if cmd.maxDurationHours is None:
+            hours = project.max_duration_hours
+            rules.check_project_default_duration(project.project_id, hours, self.limits)
+        else:
+            hours = cmd.maxDurationHours
+            rules.check_duration(hours, self.limits)
         deadline = rules.deadline(opened_at, hours)
         if deadline <= arrival:
             raise SessionExpired(

@@ -29,6 +29,9 @@ ENVELOPE_FIELDS = ("authorization", "replyTo", "requestId", "auth0Id")
 ID_MAX = 128
 NAME_MAX = 256
 NOTES_MAX = 2_000
+# A price per unit or a bonus value above this is a typo, not a wage: it would also push a
+# session's amount past what a JSON number (a double) can hold.
+MONEY_MAX = 1e9
 
 
 def _parse_instant(value: object) -> datetime:
@@ -64,6 +67,8 @@ Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
 Amount = Annotated[NonNegative, AfterValidator(as_stored)]  # units, prices: stored as numeric
+Money = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0, le=MONEY_MAX)]
+Price = Annotated[Money, AfterValidator(as_stored)]
 Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
 
 
@@ -77,7 +82,7 @@ class Bonus(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["percent", "fixed"]
-    value: NonNegative
+    value: Money
     note: Annotated[StrictStr, Field(max_length=NAME_MAX)] | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -93,7 +98,7 @@ class OpenSession(_Request):
     sectorId: Id | None = None
     sector_name: Name | None = None
     samplingUnit: Name | None = None
-    pricePerUnit: Amount | None = None
+    pricePerUnit: Price | None = None
     bonus: Bonus | None = None
     maxDurationHours: Positive | None = None
     notes: Notes | None = None
@@ -104,7 +109,7 @@ class UpdateSession(_Request):
 
     sessionId: Id | None = None
     samplingUnit: Name | None = None
-    pricePerUnit: Amount | None = None
+    pricePerUnit: Price | None = None
     bonus: Bonus | None = None
     notes: Notes | None = None
 
@@ -229,7 +234,7 @@ EMPTY_ENVELOPE = Envelope()
 
 def number_out(value: float) -> float | int:
     """A JSON number as a person wrote it: 5, not 5.0."""
-    if value == int(value) and abs(value) < 2**53:
+    if value.is_integer() and abs(value) < 2**53:  # inf and nan are not integers
         return int(value)
     return value
 

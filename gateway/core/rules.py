@@ -177,6 +177,25 @@ def check_duration(hours: float, limits: Limits) -> None:
         )
 
 
+def check_project_default_duration(project_id: str, hours: float, limits: Limits) -> None:
+    """A session opened without maxDurationHours takes its project's, which may exceed the
+    limit (seeded before the limit was lowered): say so, and what the device can send."""
+    if hours > limits.max_session_hours:
+        limit = f"{limits.max_session_hours:g}"
+        raise InvalidRequest(
+            f"project {project_id} has a default maxDurationHours of {hours:g}, above the limit "
+            f"of {limit}: send maxDurationHours (<= {limit}) or have the project's default lowered",
+            {
+                "fields": [
+                    {
+                        "field": "maxDurationHours",
+                        "message": f"required here: the project's default {hours:g} is > {limit}",
+                    }
+                ]
+            },
+        )
+
+
 def check_extension(current_hours: float, requested_hours: float, limits: Limits) -> None:
     if requested_hours <= current_hours:
         raise InvalidRequest(

@@ -8,7 +8,7 @@ import orjson
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gateway.core.models import Bonus, Id, Name, validation_error
+from gateway.core.models import MONEY_MAX, Bonus, Id, Name, validation_error
 from gateway.core.rules import zone
 from gateway.errors import InvalidRequest
 
@@ -38,7 +38,7 @@ class SeedProject(_Seed):
     name: Name
     timezone: str
     samplingUnit: Name = "unit"
-    pricePerUnit: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0
+    pricePerUnit: Annotated[float, Field(ge=0, le=MONEY_MAX, allow_inf_nan=False)] = 0
     bonus: Bonus | None = None
     maxDurationHours: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 12
     sectors: list[SeedSector] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -435,6 +436,10 @@ def test_open_session_from_the_seeds() -> None:
         ({"projectId": "p", "bonus": {"type": "percent", "value": -1}}, "bonus.value"),
         ({"projectId": "p", "bonus": {"type": "fixed"}}, "bonus.value"),
         ({"projectId": "p", "bonus": {"type": "fixed", "value": 1, "x": 1}}, "bonus.x"),
+        ({"projectId": "p", "pricePerUnit": 1e308}, "pricePerUnit"),
+        ({"projectId": "p", "pricePerUnit": 1_000_000_001}, "pricePerUnit"),
+        ({"projectId": "p", "bonus": {"type": "percent", "value": 1e308}}, "bonus.value"),
+        ({"projectId": "p", "bonus": {"type": "fixed", "value": 2e9}}, "bonus.value"),
     ],
 )
 def test_open_session_refusals(payload: dict[str, Any], field: str) -> None:
@@ -525,3 +530,26 @@ def test_number_out(value: float, expected: float, kind: type) -> None:
     out = number_out(value)
     assert out == expected
     assert type(out) is kind
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"pricePerUnit": 1e308}, "pricePerUnit"),
+        ({"bonus": {"type": "fixed", "value": 1e10}}, "bonus.value"),
+    ],
+)
+def test_update_session_bounds_money(payload: dict[str, Any], field: str) -> None:
+    """A price or bonus past 1e9 is a typo that would overflow the session's amount."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(UpdateSession, payload)
+    assert refused_fields(info.value) == [field]
+    assert validate(UpdateSession, {"pricePerUnit": 1e9}).pricePerUnit == 1e9
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2.0**60])
+def test_number_out_keeps_what_is_not_a_safe_integer(value: float) -> None:
+    """inf and nan went through int() and raised; they stay floats (orjson writes null)."""
+    out = number_out(value)
+    assert isinstance(out, float)
+    assert out == value or (math.isnan(out) and math.isnan(value))

@@ -20,6 +20,7 @@ from gateway.core.rules import (
     check_duration,
     check_extension,
     check_open,
+    check_project_default_duration,
     check_recorded_at,
     check_units,
     day_iso,
@@ -342,6 +343,15 @@ def test_check_duration_honours_the_limit() -> None:
     check_duration(24, Limits(max_session_hours=24))
     with pytest.raises(InvalidRequest, match="maxDurationHours"):
         check_duration(24.1, Limits(max_session_hours=24))
+
+
+def test_project_default_duration_above_the_limit_names_the_project() -> None:
+    """A project default over the limit: the refusal says it is the project's, and what to send."""
+    check_project_default_duration("proj_1", 48, Limits(max_session_hours=48))
+    with pytest.raises(InvalidRequest) as info:
+        check_project_default_duration("proj_1", 100, Limits(max_session_hours=48))
+    assert "proj_1" in info.value.message and "send maxDurationHours" in info.value.message
+    assert info.value.details["fields"][0]["field"] == "maxDurationHours"
 
 
 # --- amount -----------------------------------------------------------------------------------

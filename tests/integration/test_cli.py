@@ -188,6 +188,28 @@ async def test_seed_with_unknown_company_is_refused(migrated: str, tmp_path: Pat
     assert counts == dict.fromkeys(TABLES, 0)
 
 
+async def test_seed_refuses_a_project_duration_above_the_limit(
+    migrated: str, tmp_path: Path
+) -> None:
+    """A project default above GATEWAY_MAX_SESSION_HOURS would make every open without an
+    explicit maxDurationHours fail: the seed is refused naming both, nothing loaded."""
+    env = clean_env(GATEWAY_DATABASE_URL=migrated, GATEWAY_MAX_SESSION_HOURS="24")
+    bad = tmp_path / "long.yaml"
+    bad.write_text(
+        "companies:\n  - {companyId: comp_1, name: One}\n"
+        "projects:\n  - {projectId: proj_1, companyId: comp_1, name: P, "
+        "timezone: UTC, maxDurationHours: 36}\n"
+    )
+    done = await run_cli("seed", str(bad), env=env)
+    assert done.returncode == 2, done
+    assert "proj_1" in done.stderr and "GATEWAY_MAX_SESSION_HOURS" in done.stderr
+    assert "Traceback" not in done.stderr
+    counts = {t: len(rows) for t, rows in (await table_state(migrated)).items()}
+    assert counts == dict.fromkeys(TABLES, 0)
+    ok = await run_cli("seed", str(bad), env=clean_env(GATEWAY_DATABASE_URL=migrated))
+    assert ok.returncode == 0, ok  # within the default limit of 48
+
+
 async def test_seed_with_missing_or_broken_file_is_refused(migrated: str, tmp_path: Path) -> None:
     """A missing file or one that is not YAML/JSON: exit 2 with a message naming the file."""
     env = clean_env(GATEWAY_DATABASE_URL=migrated)

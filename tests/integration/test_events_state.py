@@ -264,3 +264,50 @@ async def test_two_sweepers_announce_one_expiry(
     assert stored == 1
     assert len(expired) == 1
     assert expired[0]["data"]["closeReason"] == "expired"
+
+
+async def test_a_session_whose_amount_overflows_holds_back_no_other(
+    servers: Servers, device: Device, tenant: Tenant, gateway: Gateway, database: str
+) -> None:
+    """A price too large for a JSON number (stored before prices were bounded) made rendering
+    raise: the state publisher and the expiry sweeper stopped for every session. Now that
+    session shows an amount of null, and the others' states and expiries go on."""
+    sids = []
+    for sector in tenant.extra_sectors[:2]:
+        opened = await device.request("sessions/open", tenant.open_payload(sectorId=sector))
+        sids.append(opened["data"]["sessionId"])
+    bad, good = sids
+    for sid in sids:
+        reply = await device.request(f"sessions/{sid}/records", record(units=10))
+        assert reply["status"] == "success", reply
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "UPDATE production_sessions SET price_per_unit = 1e308, version = version + 1 "
+            "WHERE session_id = $1",
+            bad,
+        )
+        got = await device.request(f"sessions/{bad}/get", {})
+        assert got["status"] == "success", got
+        assert got["data"]["totals"]["amount"] is None  # 10 x 1e308 x 1.1 is beyond a double
+        async with Watcher(servers, f"{PREFIX}/sessions/+/#") as ops:
+            reply = await device.request(f"sessions/{good}/records", record(units=2))
+            assert reply["status"] == "success", reply
+            await ops.wait_for(
+                lambda p: p.get("sessionId") == good and p.get("totals", {}).get("units") == 12
+            )
+            past = datetime.now(UTC) - timedelta(minutes=1)
+            await conn.execute(
+                "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01, "
+                "version = version + 1 WHERE session_id = ANY($1::text[])",
+                sids,
+                past,
+            )
+            assert gateway.sweeper is not None
+            gateway.sweeper.nudge()
+            for sid in sids:
+                await ops.wait_for(
+                    lambda p, sid=sid: p.get("type") == "session.expired" and p["sessionId"] == sid
+                )
+    finally:
+        await conn.close()

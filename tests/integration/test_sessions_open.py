@@ -210,6 +210,24 @@ async def test_max_duration_hours_is_bounded(device: Device, tenant: Tenant) -> 
     assert data["maxDurationHours"] == MAX_SESSION_HOURS
 
 
+async def test_a_project_default_over_the_limit_says_what_to_send(
+    servers: Servers, gateway: Gateway, store: PostgresStore
+) -> None:
+    """A project seeded with a default above the limit (before the limit was lowered): an open
+    without maxDurationHours is refused naming the project; one that sends it opens."""
+    tenant = await make_tenant(store, max_hours=MAX_SESSION_HOURS + 52)
+    async with tenant_device(servers, tenant) as device:
+        reply = await device.request("sessions/open", tenant.open_payload())
+        assert reply["status"] == "error", reply
+        assert reply["error"]["code"] == "VALIDATION_ERROR"
+        assert tenant.project_id in reply["error"]["message"]
+        assert "send maxDurationHours" in reply["error"]["message"]
+        given = success(
+            await device.request("sessions/open", tenant.open_payload(maxDurationHours=10))
+        )
+        assert given["maxDurationHours"] == 10
+
+
 async def test_second_open_by_the_owner_returns_the_same_session(
     device: Device, tenant: Tenant, database: str
 ) -> None:

@@ -126,6 +126,7 @@ class Gateway:
         self.started = asyncio.Event()
         self.http_port: int | None = None
         self.store: PostgresStore | None = None
+        self.service: Service | None = None
         self.link: MqttLink | None = None
         self.pipeline: Pipeline | None = None
         self.sweeper: Sweeper | None = None
@@ -185,7 +186,7 @@ class Gateway:
         if store is None:
             return
         self.store = store
-        service = Service(store, self.limits)
+        service = self.service = Service(store, self.limits)
         dead_letters = DeadLetterWriter(store, self.metrics, payload_cap=s.dead_letter_payload_cap)
         limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
         dispatcher = Dispatcher(

@@ -120,8 +120,8 @@ WITH input AS (
     SELECT e->>0 AS record_id, e->>1 AS company_id, e->>2 AS session_id, e->>3 AS owner_id,
            e->>4 AS worker_id, e->>5 AS worker_name, (e->>6)::float8 AS units,
            (e->>7)::timestamptz AS recorded_at, e->>8 AS client_event_id,
-           e->>9 AS idempotency_key, (e->>10)::int8 AS expected_version
-    FROM jsonb_array_elements($1::text::jsonb) AS e
+           e->>9 AS idempotency_key, (e->>10)::int8 AS expected_version, n
+    FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS a(e, n)
 ),
 locked AS (
     SELECT s.session_id, s.version
@@ -138,7 +138,7 @@ ins AS (
            i.units::numeric, i.recorded_at, i.client_event_id, i.idempotency_key
     FROM input i
     JOIN locked l ON l.session_id = i.session_id AND l.version = i.expected_version
-    ORDER BY i.session_id, i.worker_id, i.client_event_id
+    ORDER BY i.n  -- arrival order: of two records with one key, the first sent goes in
     ON CONFLICT DO NOTHING
     RETURNING record_id, session_id, worker_id, units
 ),

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from gateway.core import ordering
 from gateway.core.auth import Claims, TokenVerifier
 from gateway.core.models import (
     EMPTY_ENVELOPE,
@@ -141,12 +142,29 @@ class Dispatcher:
         await self._resolve_principals(reqs)
         if self._limiter is not None:
             self._rate_limit(reqs)
-        records: list[tuple[Sink, RecordRequest]] = []
-        bulks: list[tuple[_Request, Bulk]] = []
-        others: list[_Request] = []
         for r in reqs:
-            if not r.open:
-                continue
+            if r.msg.settled is not None:  # applied before the database went away: keep it
+                r.body, r.error = r.msg.settled
+        todo = [r for r in reqs if r.open]
+        bulks: list[tuple[_Request, Bulk]] = []
+        if all(r.route is not None and r.route.op is Op.CREATE_RECORD for r in todo):
+            await self._apply_wave(todo, bulks)  # the hot path: one wave, the store keeps order
+        else:
+            for wave in ordering.group(ordering.waves([_claims(r) for r in todo])):
+                await self._apply_wave([todo[i] for i in wave], bulks)
+        for r, bulk in bulks:
+            if r.error is None:
+                r.body = bulk.body()
+                self._refuse_items(r, bulk)
+        return [self._reply(r) for r in reqs]
+
+    async def _apply_wave(
+        self, wave: Sequence[_Request], bulks: list[tuple[_Request, Bulk]]
+    ) -> None:
+        """Record creates of the wave together, its other requests concurrently."""
+        records: list[tuple[Sink, RecordRequest]] = []
+        others: list[_Request] = []
+        for r in wave:
             assert r.route is not None
             try:
                 if r.route.op is Op.CREATE_RECORD:
@@ -168,11 +186,6 @@ class Dispatcher:
                 raise result
             if isinstance(result, BaseException) and not isinstance(result, Exception):
                 raise result
-        for r, bulk in bulks:
-            if r.error is None:
-                r.body = bulk.body()
-                self._refuse_items(r, bulk)
-        return [self._reply(r) for r in reqs]
 
     def fail_all(self, batch: Sequence[Inbound], exc: BaseException) -> list[Reply]:
         """Every request of a batch answered INTERNAL (a bug, never a data outage): acknowledged
@@ -336,6 +349,10 @@ class Dispatcher:
         except Exception as exc:
             log.exception("operation %s on %s failed", r.route.op, r.msg.topic)
             r.error = as_request_error(exc)
+        # Decided (and, for a change, committed): should a later wave of this batch meet the
+        # database gone, the retry answers this the same way rather than applying it again
+        # (a close again would say SESSION_CLOSED).
+        r.msg.settled = (r.body, r.error)
 
     # stage 3: replies ---------------------------------------------------------------------
 
@@ -417,6 +434,42 @@ class Dispatcher:
         cmd = validate(CheckIdempotency, r.data)
         exists = await self.service.check_key(r.who, cmd.key)
         return {"status": "success", "data": {"key": cmd.key, "exists": exists}}
+
+
+_SESSION_CHANGES = (Op.UPDATE_SESSION, Op.CLOSE_SESSION, Op.EXTEND_SESSION)
+
+
+def _claims(r: _Request) -> list[ordering.Claim]:
+    """What a request touches, for applying a batch in each device's order (core.ordering).
+
+    Record creates of a session share a wave; anything else on that session (get, update,
+    close, extend) comes after the creates sent before it and before those sent after it.
+    Voids and opens, whose session is not in their topic, are ordered against every update,
+    close and extend of the batch; a check against every create before it.
+    """
+    assert r.route is not None
+    op, alone = r.route.op, object()  # a label of its own: nothing shares its wave on that key
+    if op is Op.CREATE_RECORD:
+        return [(("s", r.route.session_id), "create"), ("keys", "create")]
+    if op is Op.BULK_RECORDS:
+        items = r.data.get("records") if r.data is not None else None
+        sessions = {
+            sid
+            for item in (items if isinstance(items, list) else ())
+            if isinstance(item, dict) and isinstance(sid := item.get("sessionId"), str)
+        }
+        return [*((("s", sid), "create") for sid in sessions), ("keys", "create")]
+    if op is Op.GET_SESSION:
+        return [(("s", r.route.session_id), "get")]
+    if op in _SESSION_CHANGES:
+        return [(("s", r.route.session_id), alone), ("sessions", "change")]
+    if op is Op.VOID_RECORD:
+        return [(("r", r.route.record_id), alone), ("sessions", "void")]
+    if op is Op.GET_RECORD:
+        return [(("r", r.route.record_id), "get")]
+    if op is Op.OPEN_SESSION:
+        return [("open", alone), ("sessions", "open")]
+    return [("keys", "check")]
 
 
 def _session_target(r: _Request) -> tuple[Principal, str]:

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway.config import Settings
 from gateway.core import mqtt5
@@ -43,6 +43,9 @@ from gateway.core.mqtt5 import (
     Publish,
     Will,
 )
+
+if TYPE_CHECKING:
+    from gateway.errors import RequestError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,8 @@ class Inbound:
     received_at: datetime
     epoch: int
     done: bool = field(default=False)
+    # (reply body, error) once applied, kept should the rest of its batch be retried
+    settled: tuple[dict[str, Any] | None, RequestError | None] | None = field(default=None)
 
 
 class PublishError(Exception):

@@ -25,7 +25,12 @@ from gateway.core.events import (
     new_record_ids,
     new_session_id,
 )
-from gateway.core.idempotency import RecordContent, resolve_existing, split_client_key
+from gateway.core.idempotency import (
+    RecordContent,
+    check_idempotency_key,
+    resolve_existing,
+    split_client_key,
+)
 from gateway.core.models import (
     Bonus,
     BulkRecords,
@@ -494,6 +499,7 @@ class Service:
             )
         rules.check_units(c.units, self.limits)
         rules.check_recorded_at(c.recordedAtUtc, r.arrival, self.limits.clock_skew_s)
+        check_idempotency_key(c.idempotencyKey, r.session_id, c.workerId, c.clientEventId)
 
     async def _record_round(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from gateway.errors import IdempotencyConflict
+from gateway.errors import IdempotencyConflict, InvalidRequest
 
 CLIENT_PREFIX = "client:"
 
@@ -15,11 +15,27 @@ def client_key(session_id: str, worker_id: str, client_event_id: str) -> str:
     return f"{CLIENT_PREFIX}{session_id}:{worker_id}:{client_event_id}"
 
 
+def check_idempotency_key(
+    key: str | None, session_id: str, worker_id: str, client_event_id: str
+) -> None:
+    """An idempotencyKey shaped like a client key must be this record's own: the check
+    (SPEC §5) reads ``client:...`` as a client key, and would answer for another record."""
+    if key is None or not key.startswith(CLIENT_PREFIX):
+        return
+    own = client_key(session_id, worker_id, client_event_id)
+    if key != own:
+        raise InvalidRequest(
+            f"idempotencyKey {key!r} has the form of another record's key; use {own!r} "
+            "or a key that does not start with 'client:'",
+            {"fields": [{"field": "idempotencyKey", "message": "must not start with 'client:'"}]},
+        )
+
+
 def split_client_key(key: str) -> tuple[str, str] | None:
     """``(sessionId, "workerId:clientEventId")`` of a client key, or None.
 
     Session ids never contain ``:``, so the first one after the prefix ends the session id;
-    worker and event ids may contain ``:`` themselves, so the rest is matched as a whole.
+    worker ids have none either (refused at validation), so the rest names one record.
     """
     if not key.startswith(CLIENT_PREFIX):
         return None

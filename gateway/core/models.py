@@ -39,7 +39,7 @@ def _parse_instant(value: object) -> datetime:
         return value if value.tzinfo else value.replace(tzinfo=UTC)
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z")
-    text = value.strip()
+    text = value.strip().upper()  # RFC 3339 §5.6 allows a lowercase "t" and "z"
     if "T" not in text and " " not in text:
         raise ValueError("must include a time, e.g. 2025-10-19T14:30:00.000Z")
     try:
@@ -60,9 +60,27 @@ def as_stored(value: float) -> float:
     return float(f"{value:.15g}")
 
 
+def _not_blank(value: str) -> str:
+    if value.isspace():
+        raise ValueError("must not be only spaces")
+    return value
+
+
+def _no_colon(value: str) -> str:
+    if ":" in value:
+        raise ValueError(
+            "must not contain ':', which separates the parts of the record's key "
+            "client:{sessionId}:{workerId}:{clientEventId}"
+        )
+    return value
+
+
 Instant = Annotated[datetime, BeforeValidator(_parse_instant)]
-Id = Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX)]
-Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX)]
+Id = Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX), AfterValidator(_not_blank)]
+Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_not_blank)]
+# ':' in a workerId would let two records share one key string (worker "a:b" with event "c",
+# worker "a" with event "b:c"); session ids have none, so without it the key is unique.
+WorkerId = Annotated[Id, AfterValidator(_no_colon)]
 Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
@@ -131,7 +149,7 @@ class SessionCommand(_Request):
 
 class CreateRecord(_Request):
     sessionId: Id | None = None
-    workerId: Id
+    workerId: WorkerId
     worker_name: Name
     units: NonNegative = 1.0
     recordedAtUtc: Instant

@@ -7,8 +7,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from gateway.core.idempotency import RecordContent, client_key, resolve_existing, split_client_key
-from gateway.errors import IdempotencyConflict
+from gateway.core.idempotency import (
+    RecordContent,
+    check_idempotency_key,
+    client_key,
+    resolve_existing,
+    split_client_key,
+)
+from gateway.errors import IdempotencyConflict, InvalidRequest
 
 SID = "6507f1e3c9d8e2a4b1f9c3d5"
 AT = datetime(2025, 10, 19, 14, 30, tzinfo=UTC)
@@ -203,3 +209,21 @@ def test_resolve_idempotency_key_with_other_content(change: dict[str, object], f
     with pytest.raises(IdempotencyConflict) as info:
         resolve_existing(incoming, None, stored)
     assert info.value.details == {"key": "k1", "fields": [field]}
+
+
+@pytest.mark.parametrize(
+    "key", [None, "mobile-app-key-1", "Client:s:w:e", f"client:{SID}:JS0315:evt_1"]
+)
+def test_an_idempotency_key_may_be_free_or_the_records_own_client_key(key: str | None) -> None:
+    check_idempotency_key(key, SID, "JS0315", "evt_1")
+
+
+@pytest.mark.parametrize(
+    "key", [f"client:{SID}:JS0315:evt_2", f"client:{SID}:W7:never1", "client:", "client:x"]
+)
+def test_an_idempotency_key_shaped_like_another_records_key_is_refused(key: str) -> None:
+    """The check reads client:... as a client key: it would answer for a record never sent."""
+    with pytest.raises(InvalidRequest) as info:
+        check_idempotency_key(key, SID, "JS0315", "evt_1")
+    assert info.value.details["fields"][0]["field"] == "idempotencyKey"
+    assert f"client:{SID}:JS0315:evt_1" in info.value.message

@@ -6,6 +6,7 @@ import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.core.models import (
@@ -20,6 +21,7 @@ from gateway.core.models import (
     VoidRecord,
     decode_object,
     number_out,
+    parse_record_fast,
     take_envelope,
     validate,
 )
@@ -268,6 +270,11 @@ def test_validate_record_required_fields(field: str) -> None:
         ("idempotencyKey", "k" * 129),
         ("sessionId", ""),
         ("sessionId", 6507),
+        ("workerId", "x:y"),
+        ("workerId", "   "),
+        ("worker_name", " \t "),
+        ("clientEventId", "  "),
+        ("idempotencyKey", " "),
     ],
 )
 def test_validate_record_refuses_bad_values(field: str, value: object) -> None:
@@ -285,6 +292,8 @@ def test_validate_record_refuses_bad_values(field: str, value: object) -> None:
         ("workerId", "w" * 128),
         ("worker_name", "n" * 256),
         ("clientEventId", "e" * 128),
+        ("clientEventId", "evt:2025-10-19T08:00:00Z"),
+        ("worker_name", " John "),
         ("idempotencyKey", "k" * 128),
         ("units", 0),
         ("units", 0.5),
@@ -340,6 +349,7 @@ def test_validate_refuses_a_non_object() -> None:
         pytest.param("2025-10-19T03:30:00-11:00", AT, id="minus-eleven"),
         pytest.param("2025-10-19T14:30:00", AT, id="naive-is-utc"),
         pytest.param("2025-10-19T14:30:00.000", AT, id="naive-millis"),
+        pytest.param("2025-10-19t14:30:00.000z", AT, id="rfc3339-lowercase"),
         # kept to the millisecond, as replies write it (a device may send back what it saw)
         pytest.param(
             "2025-10-19T14:30:00.123456Z", AT.replace(microsecond=123000), id="microseconds"
@@ -553,3 +563,9 @@ def test_number_out_keeps_what_is_not_a_safe_integer(value: float) -> None:
     out = number_out(value)
     assert isinstance(out, float)
     assert out == value or (math.isnan(out) and math.isnan(value))
+
+
+@pytest.mark.parametrize("worker", ["x:y", "   "])
+def test_the_hot_path_refuses_what_the_general_path_refuses(worker: str) -> None:
+    """A workerId with ':' or of only spaces does not slip through the one-pass parse."""
+    assert parse_record_fast(orjson.dumps(record(workerId=worker))) is None

@@ -199,6 +199,38 @@ async def test_idempotency_key_names_its_record(
     await assert_totals_match_ledger(device, database, session_id)
 
 
+async def test_a_client_key_names_one_record(
+    device: Device, session_id: str, database: str
+) -> None:
+    """Worker "x:y" with event "z" and worker "x" with event "y:z" would share the key
+    client:S:x:y:z, and the check would say "stored" for the one never sent; an idempotencyKey
+    shaped like another record's client key likewise. Both are refused; nothing is stored."""
+    refused = [
+        record(worker="x:y", event="z"),
+        record(worker="W7", event="e1", idempotencyKey=f"client:{session_id}:W7:never1"),
+    ]
+    for payload in refused:
+        reply = await device.request(f"sessions/{session_id}/records", payload)
+        assert reply["status"] == "error", reply
+        assert reply["error"]["code"] == "VALIDATION_ERROR", reply
+    rows = await ledger(database, session_id)
+    assert rows == []
+    check = await device.request(
+        "records/check-idempotency", {"key": f"client:{session_id}:W7:never1"}
+    )
+    assert success(check)["exists"] is False
+    # an event id may hold ':' (the worker id ends at the first one), and the idempotencyKey
+    # may be the record's own client key
+    own = f"client:{session_id}:x:y:z"
+    stored = success(
+        await device.request(
+            f"sessions/{session_id}/records", record(worker="x", event="y:z", idempotencyKey=own)
+        )
+    )
+    assert stored["idempotent"] is False
+    assert success(await device.request("records/check-idempotency", {"key": own}))["exists"]
+
+
 async def test_idempotency_key_is_unique_per_company_not_per_session(
     device: Device, tenant: Tenant, session_id: str, database: str
 ) -> None:

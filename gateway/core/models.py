@@ -282,7 +282,10 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        problem = f"payload is not valid UTF-8 JSON: {exc}"
+        if "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
+            problem = "payload is not valid UTF-8: send JSON text encoded as UTF-8"
+        else:
+            problem = f"payload is not valid JSON: {exc}"
     if problem is not None:  # raised outside the except: no exception chain kept alive
         raise InvalidRequest(problem)
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door
@@ -347,6 +350,8 @@ def validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "is not a field you may send here"
+        elif err["type"] == "model_type":  # "...or instance of Bonus": our class, not theirs
+            msg = "must be a JSON object"
         fields.append({"field": prefix + loc, "message": msg})
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
     return InvalidRequest(f"invalid payload: {summary}", {"fields": fields})

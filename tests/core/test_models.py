@@ -569,3 +569,13 @@ def test_number_out_keeps_what_is_not_a_safe_integer(value: float) -> None:
 def test_the_hot_path_refuses_what_the_general_path_refuses(worker: str) -> None:
     """A workerId with ':' or of only spaces does not slip through the one-pass parse."""
     assert parse_record_fast(orjson.dumps(record(workerId=worker))) is None
+
+
+def test_messages_name_no_internals() -> None:
+    """Neither our class names (pydantic's "instance of Bonus") nor orjson's "surrogates"."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(OpenSession, {"projectId": "p", "bonus": "high"})
+    assert info.value.details["fields"] == [{"field": "bonus", "message": "must be a JSON object"}]
+    with pytest.raises(InvalidRequest) as info:
+        decode_object(b'{"workerId": "\xff"}', max_bytes=1000, max_depth=16)
+    assert info.value.message == "payload is not valid UTF-8: send JSON text encoded as UTF-8"

@@ -392,7 +392,7 @@ class Dispatcher:
         assert r.who is not None and r.route is not None and r.route.session_id is not None
         cmd = validate(SessionCommand, r.data)
         same_id(cmd.sessionId, r.route.session_id, "sessionId")
-        data = await self.service.get_session(r.who, r.route.session_id)
+        data = await self.service.get_session(r.who, r.route.session_id, r.msg.received_at)
         return {"status": "success", "data": data}
 
     async def _update_session(self, r: _Request) -> dict[str, Any]:

@@ -468,7 +468,7 @@ class HttpSidecar:
 
     async def get_session(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
-        data = await self.service.get_session(who, request.match_info["session_id"])
+        data = await self.service.get_session(who, request.match_info["session_id"], _now())
         return self.answer(request, {"status": "success", "data": data})
 
     async def update_session(self, request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from gateway.app import Gateway
+from tests.integration.test_events_state import Watcher
 from tests.support.devices import Device
 from tests.support.servers import Servers
 from tests.support.tenants import Tenant, record
@@ -225,6 +226,25 @@ async def test_expired_session_refuses_records_and_is_closed_at_its_deadline(
     assert again["error"]["code"] == "SESSION_EXPIRED"
     close = await device.request(f"sessions/{session_id}/close", {})
     assert close["error"]["code"] == "SESSION_EXPIRED"
+
+
+async def test_get_past_the_deadline_shows_the_session_expired(
+    servers: Servers, device: Device, database: str, session_id: str
+) -> None:
+    """A get between the deadline and the sweeper's next round does not show "open" a session
+    that refuses records as expired: it is closed as expired then, and announced once."""
+    deadline = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
+    async with Watcher(servers, f"{PREFIX}/sessions/{session_id}/events") as ops:
+        await _force_deadline(database, session_id, deadline)
+        got = (await device.request(f"sessions/{session_id}/get", {}))["data"]
+        assert got["status"] == "closed"
+        assert got["closeReason"] == "expired"
+        assert got["closedAt"] == deadline.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        again = (await device.request(f"sessions/{session_id}/get", {}))["data"]
+        assert again == got
+        await ops.wait_for(lambda p: p["type"] == "session.expired")
+        await asyncio.sleep(0.3)  # a second announcement would be here by now
+    assert [p["type"] for p in ops.payloads()].count("session.expired") == 1
 
 
 async def test_close_of_an_expired_session_closes_it_as_expired(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -184,7 +185,12 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 0
     rows = asyncio.run(fetch())
     for row in rows:
-        payload = bytes(row["payload"]).decode("utf-8", errors="replace")
+        raw = bytes(row["payload"])
+        try:
+            payload, raw_b64 = raw.decode("utf-8"), None
+        except UnicodeDecodeError:  # shown with \xNN escapes; --json also gives the bytes
+            payload = raw.decode("utf-8", errors="backslashreplace")
+            raw_b64 = base64.b64encode(raw).decode()
         if args.json:
             print(
                 orjson.dumps(
@@ -196,17 +202,21 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                         "message": row["message"],
                         "auth0Id": row["auth0_id"],
                         "payload": payload,
+                        **({"payloadBase64": raw_b64} if raw_b64 is not None else {}),
                         "payloadSize": row["payload_size"],
                         "truncated": row["truncated"],
                     }
                 ).decode()
             )
         else:
-            shown = payload if len(payload) <= 120 else payload[:117] + "..."
+            if raw_b64 is None:
+                shown = repr(payload if len(payload) <= 120 else payload[:117] + "...")
+            else:  # bytes as Python writes them: b'\xff\xfe...'
+                shown = repr(raw[:120]) + ("..." if len(raw) > 120 else "")
             print(
                 f"{iso(row['received_at'])}  {row['reason']:<20} {row['topic']}\n"
                 f"    {row['message']}\n    user={row['auth0_id'] or '-'} "
-                f"size={row['payload_size']} payload={shown!r}"
+                f"size={row['payload_size']} payload={shown}"
             )
     if not args.json:
         print(f"{len(rows)} dead letter(s)", file=sys.stderr)

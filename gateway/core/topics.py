@@ -130,6 +130,15 @@ class Topics:
         """The per-client reply folder that the broker ACL lets only that client read."""
         return f"{self.prefix}/clients/{client_id}"
 
+    def reply_refusal(self, what: str, topic: str) -> str:
+        """Why ``topic`` (a Response Topic or replyTo) gets no reply there, and what to use."""
+        shown = topic if len(topic) <= 80 else f"{topic[:80]}... ({len(topic)} characters)"
+        return (
+            f"{what} {shown!r} is not a topic replies may go to: not a wildcard (+, #), a $ "
+            "topic, over 1024 characters, or one of the gateway's own request, events, state "
+            f"or status topics; use for example {self.client_replies('<client id>')}/replies"
+        )
+
     def reply_allowed(self, topic: str) -> bool:
         """May the gateway publish a reply to ``topic``?
 

@@ -231,11 +231,10 @@ class Dispatcher:
                 if topics.reply_allowed(r.envelope.reply_to):
                     r.reply_topic = r.envelope.reply_to
                 else:
-                    raise InvalidRequest(
-                        f"replyTo {r.envelope.reply_to!r} is not a topic replies may go to"
-                    )
+                    raise InvalidRequest(topics.reply_refusal("replyTo", r.envelope.reply_to))
             if bad_response_topic:
-                raise InvalidRequest("the Response Topic is not a topic replies may go to")
+                assert m.response_topic is not None
+                raise InvalidRequest(topics.reply_refusal("Response Topic", m.response_topic))
             if too_deep is not None:
                 raise too_deep
             if r.route is None:

@@ -212,3 +212,13 @@ def test_an_allowed_reply_topic_is_never_subscribed(topic: str) -> None:
     """A reply is never published where a gateway subscription would read it back as a request."""
     topics = Topics(P)
     assert not (topics.reply_allowed(topic) and _matching(topic, topics.subscriptions(GROUP)))
+
+
+def test_reply_refusal_names_the_topic_the_rule_and_an_example() -> None:
+    """A refused reply topic is named (a long one cut, with its length) with the rule and an
+    example of a good one."""
+    message = Topics(P).reply_refusal("replyTo", f"{P}/sessions/open")
+    assert f"'{P}/sessions/open'" in message
+    assert "wildcard" in message and f"{P}/clients/<client id>/replies" in message
+    long = Topics(P).reply_refusal("Response Topic", "x" * 70_000)
+    assert len(long) < 400 and "(70000 characters)" in long

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shlex
 import signal
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import jwt
+import orjson
 import pytest
 
 from tests.support.extra_helpers import (
@@ -369,6 +371,27 @@ async def test_dead_letters_into_a_closed_pipe_ends_quietly(migrated: str) -> No
     )
     assert "Traceback" not in done.stderr, done.stderr
     assert "BrokenPipeError" not in done.stderr, done.stderr
+
+
+async def test_dead_letters_keep_bytes_that_are_not_utf8_recoverable(migrated: str) -> None:
+    """Garbage bytes are shown as bytes (b'\\xff...'), and --json gives them back exactly."""
+    garbage = b"\xff\xfe\x00\x01garbage"
+    conn = await asyncpg.connect(migrated)
+    try:
+        await conn.execute(
+            """INSERT INTO dead_letters (topic, reason, message, payload, payload_size)
+               VALUES ('hydrobit/v2/sessions/open', 'VALIDATION_ERROR', 'not UTF-8', $1, 12)""",
+            garbage,
+        )
+    finally:
+        await conn.close()
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    text = await run_cli("dead-letters", env=env)
+    assert text.returncode == 0, text
+    assert r"payload=b'\xff\xfe\x00\x01garbage'" in text.stdout
+    as_json = await run_cli("dead-letters", "--json", env=env)
+    row = orjson.loads(as_json.stdout.splitlines()[0])
+    assert base64.b64decode(row["payloadBase64"]) == garbage
 
 
 async def test_dead_letters_prune_before_deletes_only_older_rows(migrated: str) -> None:

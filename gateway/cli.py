@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
     p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
     p.add_argument("--limit", type=int, default=100)
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per line (payloadBase64 holds a payload that is not UTF-8)",
+    )
     p.add_argument(
         "--prune-before",
         type=parse_since,

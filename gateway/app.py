@@ -201,7 +201,8 @@ class Gateway:
         link = MqttLink(
             s,
             subscriptions=self.topics.subscriptions(s.share_group),
-            status_topic=self.topics.gateway_status,
+            # a retiring replica says nothing on the one status topic the live ones share
+            status_topic=None if self.retiring else self.topics.gateway_status,
             online_payload=lambda: self._status("online"),
             offline_payload=lambda: self._status("offline"),
         )
@@ -234,14 +235,20 @@ class Gateway:
             on_refused=dead_letters,
         )
         try:
-            runner, self.http_port = await start_http(sidecar, s.http_host, s.http_port)
+            # retiring runs next to a live gateway on the same host: no sidecar of its own
+            runner, self.http_port = (
+                (None, None)
+                if self.retiring
+                else await start_http(sidecar, s.http_host, s.http_port)
+            )
         except OSError as exc:
             await store.close()
             raise ConfigError(
                 f"the HTTP sidecar cannot listen on {s.http_host}:{s.http_port}: "
                 f"{exc.strerror or exc}; set GATEWAY_HTTP_PORT to a free port"
             ) from None
-        log.info("http sidecar on %s:%d", s.http_host, self.http_port)
+        if self.http_port is not None:
+            log.info("http sidecar on %s:%d", s.http_host, self.http_port)
         self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
         service.on_expired_seen = self.sweeper.nudge
         self.publisher = Publisher(store, link, self.topics, s, self.metrics)
@@ -264,7 +271,8 @@ class Gateway:
         }
         if jwks is not None:
             tasks["jwks"] = asyncio.create_task(jwks.run(), name="jwks-refresh")
-        tasks["status"] = asyncio.create_task(self._announce(link), name="status")
+        if not self.retiring:
+            tasks["status"] = asyncio.create_task(self._announce(link), name="status")
         try:
             # A stop while the broker is still out of reach (first connect) must not wait for it.
             if not await first_of(link.wait_connected(), self._stopping.wait()):
@@ -323,7 +331,8 @@ class Gateway:
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(store.close(), 5)
         log.info("stopped")

@@ -188,7 +188,7 @@ class MqttLink:
         settings: Settings,
         *,
         subscriptions: list[str],
-        status_topic: str,
+        status_topic: str | None,
         online_payload: Callable[[], bytes],
         offline_payload: Callable[[], bytes],
     ) -> None:
@@ -366,7 +366,11 @@ class MqttLink:
                 receive_maximum=65_535,
                 username=s.mqtt_username,
                 password=s.mqtt_password,
-                will=Will(self._status_topic, self._offline_payload(), qos=1, retain=True),
+                will=(
+                    Will(self._status_topic, self._offline_payload(), qos=1, retain=True)
+                    if self._status_topic is not None
+                    else None
+                ),
             )
         )
         connack = await self._await(self._connack, "CONNACK")
@@ -391,7 +395,8 @@ class MqttLink:
             self._write(mqtt5.encode_unsubscribe(self._packet_id(), self._subscriptions))
         else:
             self._write(mqtt5.encode_subscribe(self._packet_id(), self._subscriptions))
-        self.publish(self._status_topic, self._online_payload(), retain=True)
+        if self._status_topic is not None:
+            self.publish(self._status_topic, self._online_payload(), retain=True)
         self._connected_event.set()
         if self.on_connected:
             self.on_connected(self.session_present)
@@ -461,12 +466,11 @@ class MqttLink:
     async def _say_goodbye(self) -> None:
         """Publish ``offline`` (retained), wait briefly for pending PUBACKs, DISCONNECT."""
         with contextlib.suppress(PublishError):
-            fut = self.publish(self._status_topic, self._offline_payload(), retain=True)
-            waits: list[asyncio.Future[Any]] = [
-                fut,
-                *(f for f in self._pending.values() if f is not None),
-            ]
-            await asyncio.wait(waits, timeout=2.0)
+            waits: list[asyncio.Future[Any]] = [f for f in self._pending.values() if f is not None]
+            if self._status_topic is not None:
+                waits.append(self.publish(self._status_topic, self._offline_payload(), retain=True))
+            if waits:
+                await asyncio.wait(waits, timeout=2.0)
         if self.end_session_on_stop:
             self._write(mqtt5.encode_disconnect(session_expiry=0))
             log.info("mqtt session %s ended", self._settings.mqtt_client_id)

@@ -17,6 +17,7 @@ from gateway.app import Gateway
 from gateway.core import mqtt5
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
+from tests.integration.test_events_state import Watcher
 from tests.support.devices import Device
 from tests.support.servers import Servers
 from tests.support.tenants import make_tenant, record
@@ -54,8 +55,9 @@ async def test_retire_answers_the_queued_share_then_ends_the_session(
     gone = gateway_settings(servers, database, topic_prefix=prefix)
     stays = gateway_settings(servers, database, topic_prefix=prefix)
     async with (
-        running_gateway(stays),
+        running_gateway(stays) as live,
         Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device,
+        Watcher(servers, f"{prefix}/gateway/status") as status,
     ):
         opened = await device.request("sessions/open", tenant.open_payload())
         assert opened["status"] == "success", opened
@@ -76,10 +78,16 @@ async def test_retire_answers_the_queued_share_then_ends_the_session(
         assert stuck, "the stopped replica's session took no share: the scenario did not happen"
         assert len(stuck) < N  # and the live one answered its own share
 
-        retiring = Gateway(gone, retiring=True)
+        # run on the live gateway's host: its HTTP port is taken, and that must not matter
+        retiring = Gateway(gone.model_copy(update={"http_port": live.http_port}), retiring=True)
+        status.messages.clear()
         run = asyncio.create_task(retiring.run())
         await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60)
         await asyncio.wait_for(run, 60)
+        # nothing said on the status topic the live replicas share (its `offline` would stand
+        # there until the live one's next `online`)
+        said = [p["instance"] for p in status.payloads()]
+        assert gone.mqtt_client_id not in said, said
         assert not await session_present(servers, gone.mqtt_client_id)
         replies = await asyncio.gather(*first)
         assert all(r["status"] == "success" for r in replies), replies

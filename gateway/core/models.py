@@ -6,9 +6,11 @@ the field and what to send instead.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
 
 import orjson
 from pydantic import (
@@ -20,6 +22,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from gateway.errors import InvalidRequest, PayloadTooLarge
@@ -147,7 +150,28 @@ class SessionCommand(_Request):
     sessionId: Id | None = None
 
 
+class MisspelledField(ValueError):
+    """An unknown field that looks like a known one: refused under its own name."""
+
+    def __init__(self, field: str, meant: str) -> None:
+        super().__init__(f"is not a field of a record; did you mean {meant}?")
+        self.field = field
+
+
+def near_miss(name: str, known: Sequence[str]) -> str | None:
+    """The known field ``name`` looks like a misspelling of (case, '_', a letter or two)."""
+    folded = name.replace("_", "").lower()
+    for field in known:
+        if folded == field.replace("_", "").lower():
+            return field
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 class CreateRecord(_Request):
+    # Unknown fields are kept aside (devices may add their own) but checked for misspellings.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
+
     sessionId: Id | None = None
     workerId: WorkerId
     worker_name: Name
@@ -162,6 +186,22 @@ class CreateRecord(_Request):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return as_stored(value)  # 0.1 + 0.2 sent twice is one replay
+
+    @model_validator(mode="after")
+    def _no_misspelled_fields(self) -> Self:
+        extra = self.__pydantic_extra__
+        if extra:
+            for name in extra:
+                if name in RECORD_FIELDS:  # an envelope field inside a bulk item
+                    continue
+                meant = near_miss(name, RECORD_FIELDS)
+                if meant is not None:
+                    raise MisspelledField(name, meant)
+            object.__setattr__(self, "__pydantic_extra__", {})  # checked: not kept
+        return self
+
+
+RECORD_FIELDS = (*CreateRecord.model_fields, *ENVELOPE_FIELDS)
 
 
 class RecordWithEnvelope(CreateRecord):
@@ -345,8 +385,11 @@ def take_envelope(data: dict[str, Any]) -> Envelope:
 def validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
     """One readable InvalidRequest from pydantic's errors, naming every bad field."""
     fields = []
-    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+    for err in exc.errors(include_url=False, include_context=True, include_input=False):
         loc = ".".join(str(p) for p in err["loc"]) or "payload"
+        cause = err.get("ctx", {}).get("error")
+        if isinstance(cause, MisspelledField):
+            loc = ".".join(str(p) for p in (*err["loc"], cause.field))
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "is not a field you may send here"

@@ -579,3 +579,37 @@ def test_messages_name_no_internals() -> None:
     with pytest.raises(InvalidRequest) as info:
         decode_object(b'{"workerId": "\xff"}', max_bytes=1000, max_depth=16)
     assert info.value.message == "payload is not valid UTF-8: send JSON text encoded as UTF-8"
+
+
+@pytest.mark.parametrize(
+    ("extra", "meant"),
+    [
+        ("unit", "units"),
+        ("Units", "units"),
+        ("idempotency_key", "idempotencyKey"),
+        ("idempotencykey", "idempotencyKey"),
+        ("workerID", "workerId"),
+        ("worker_Name", "worker_name"),
+        ("recordedAt", "recordedAtUtc"),
+        ("clientEventID", "clientEventId"),
+    ],
+)
+def test_a_misspelled_record_field_is_refused_by_name(extra: str, meant: str) -> None:
+    """ "unit": 5 left out would pay 1 unit: a field that looks like a known one is refused,
+    on the general and the hot path, and inside a bulk with its item's index."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(CreateRecord, record(**{extra: 5}), prefix="records[3].")
+    assert info.value.details["fields"] == [
+        {
+            "field": f"records[3].{extra}",
+            "message": f"is not a field of a record; did you mean {meant}?",
+        }
+    ]
+    assert parse_record_fast(orjson.dumps(record(**{extra: 5}))) is None
+
+
+@pytest.mark.parametrize("extra", ["deviceId", "battery", "firmware", "notes", "auth0Id"])
+def test_other_unknown_record_fields_are_ignored(extra: str) -> None:
+    """A device's own fields (and an envelope field inside a bulk item) are left aside."""
+    assert validate(CreateRecord, record(**{extra: "x"})).units == record()["units"]
+    assert parse_record_fast(orjson.dumps(record(**{extra: "x"}))) is not None

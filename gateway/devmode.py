@@ -93,6 +93,7 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             ("GATEWAY_DATABASE_URL", settings.database_url),
             ("GATEWAY_MQTT_URL", f"mqtt://127.0.0.1:{mqtt_port}"),
             ("GATEWAY_JWT_SECRET", settings.jwt_secret or ""),
+            ("TOKEN", token),  # the demo token, as $TOKEN in the README's examples
         )
     )
     gw = _program()

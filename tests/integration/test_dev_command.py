@@ -298,7 +298,13 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
 
         export = next(ln.strip() for ln in dev.lines if ln.startswith("  export GATEWAY_"))
         printed = dict(word.split("=", 1) for word in shlex.split(export)[1:])
-        assert set(printed) == {"GATEWAY_DATABASE_URL", "GATEWAY_MQTT_URL", "GATEWAY_JWT_SECRET"}
+        assert set(printed) == {
+            "GATEWAY_DATABASE_URL",
+            "GATEWAY_MQTT_URL",
+            "GATEWAY_JWT_SECRET",
+            "TOKEN",  # the README's examples use $TOKEN
+        }
+        assert jwt.decode(printed["TOKEN"], printed["GATEWAY_JWT_SECRET"], algorithms=["HS256"])
         env = clean_env(**printed)
 
         def command(name: str) -> list[str]:

@@ -251,10 +251,15 @@ def encode_connect(
     return _packet(CONNECT, body)
 
 
+RETAIN_HANDLING_NONE = 0x20  # subscription option: send no retained messages on subscribe
+
+
 def encode_subscribe(packet_id: int, filters: list[str], qos: int = 1) -> bytes:
+    """SUBSCRIBE at ``qos``, with Retain Handling 2: a request a device published retained is
+    not handed to us (again) each time we subscribe."""
     body = _pack_h(packet_id) + varint(0)
     for f in filters:
-        body += utf8(f) + bytes((qos,))
+        body += utf8(f) + bytes((qos | RETAIN_HANDLING_NONE,))
     return _packet(SUBSCRIBE, body)
 
 

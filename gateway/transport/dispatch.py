@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Reply:
-    topic: str
+    topic: str | None  # None: refused without a reply (a stale retained copy)
     payload: bytes
     correlation: bytes | None
 
@@ -84,6 +84,7 @@ class _Request:
     who: Principal | None = None
     body: dict[str, Any] | None = None  # the success reply, without requestId/clientEventId
     error: RequestError | None = None
+    silent: bool = False  # refused, kept in the dead-letter table, not answered
 
     @property
     def open(self) -> bool:
@@ -211,6 +212,16 @@ class Dispatcher:
             reply_topic = topics.default_reply(m.topic)
         r = _Request(m, reply_topic)
         route = r.route = topics.parse(m.topic)
+        if m.retained:
+            # Published with the retain flag, it was answered when it came; this is the copy
+            # the broker keeps and hands to a new subscription: applying it again would open,
+            # close or void anew.
+            r.error = InvalidRequest(
+                "a retained request (the broker's stored copy, handed over on subscribing) is "
+                "not applied: publish requests without the retain flag"
+            )
+            r.silent = True
+            return r
         if (
             route is not None
             and route.op is Op.CREATE_RECORD
@@ -377,7 +388,7 @@ class Dispatcher:
         except TypeError:  # something that is not JSON slipped into the reply: say so plainly
             log.exception("reply to %s could not be encoded", r.msg.topic)
             payload = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
-        return Reply(r.reply_topic, payload, r.msg.correlation)
+        return Reply(None if r.silent else r.reply_topic, payload, r.msg.correlation)
 
     # operations ---------------------------------------------------------------------------
 

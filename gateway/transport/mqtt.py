@@ -71,6 +71,7 @@ class Inbound:
     done: bool = field(default=False)
     # (reply body, error) once applied, kept should the rest of its batch be retried
     settled: tuple[dict[str, Any] | None, RequestError | None] | None = field(default=None)
+    retained: bool = field(default=False)  # the broker's stored copy, not a live request
 
 
 class PublishError(Exception):
@@ -558,6 +559,7 @@ class MqttLink:
                 pkt.authorization,
                 now,
                 self._epoch,
+                retained=pkt.retain,
             )
         )
 

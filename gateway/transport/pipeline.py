@@ -207,7 +207,8 @@ class Pipeline:
             await link.confirmations_below(MAX_UNCONFIRMED_REPLIES // 2)
         for msg, reply in zip(batch, replies, strict=True):
             try:
-                link.reply(reply.topic, reply.payload, reply.correlation)
+                if reply.topic is not None:
+                    link.reply(reply.topic, reply.payload, reply.correlation)
             except PublishError:
                 # Not connected: the request stays unacknowledged and will be redelivered.
                 self._metrics.inc("gateway_replies_lost_total")

@@ -527,6 +527,7 @@ def test_dispatcher_answers_every_payload_with_one_error_reply(
     assert len(replies) == len(batch)
     for msg, reply in zip(batch, replies, strict=True):
         assert reply.correlation == msg.correlation
+        assert reply.topic is not None  # only a retained copy goes unanswered
         assert reply.topic == f"{msg.topic}/reply" or topics.reply_allowed(reply.topic)
         assert topics.parse(reply.topic) is None
         body = orjson.loads(reply.payload)
@@ -534,6 +535,31 @@ def test_dispatcher_answers_every_payload_with_one_error_reply(
         assert body["error"]["code"] in ERROR_CODES
         assert body["error"]["code"] not in ("INTERNAL", "UNAVAILABLE"), body
     assert len(refused) == len(batch)
+
+
+def test_a_retained_copy_is_refused_unanswered_and_kept() -> None:
+    """A request the broker hands over because it was published retained is not applied (the
+    service is never asked), gets no reply (it was answered when it came), and is kept in the
+    dead-letter table; the live request next to it is answered as usual."""
+    refused: list[Refusal] = []
+    dispatcher = Dispatcher(
+        cast(Service, _NoService()),
+        TokenVerifier(KeyRing(secret="s" * 40)),
+        Topics(P),
+        max_payload_bytes=MAX_BYTES,
+        max_json_depth=MAX_DEPTH,
+        on_refused=refused.append,
+    )
+    now = datetime.now(UTC)
+    token = "Bearer not-a-jwt"
+    stale = Inbound(f"{P}/sessions/open", b'{"projectId":"p"}', 1, 1, None, b"c1", token, now, 0)
+    stale.retained = True
+    live = Inbound(f"{P}/sessions/open", b'{"projectId":"p"}', 1, 2, None, b"c2", token, now, 0)
+    first, second = asyncio.run(dispatcher.handle([stale, live]))
+    assert first.topic is None
+    assert second.topic == f"{P}/sessions/open/reply"
+    assert [r.msg for r in refused] == [stale, live]
+    assert "retained" in refused[0].message
 
 
 # --- topics ---------------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from gateway.core.auth import mint_token
 from gateway.store.postgres import PostgresStore
 from tests.conftest import PREFIX, gateway_settings, running_gateway
 from tests.support.devices import Device
+from tests.support.extra_broker import props
 from tests.support.extra_helpers import (
     RawClient,
     execute,
+    fetch,
     iso_ms,
     next_message,
     stored_for,
@@ -604,3 +606,42 @@ async def test_user_removed_from_the_database_is_forbidden(
         opened = await colleague.request("sessions/open", tenant.open_payload())
         assert_error(opened, "FORBIDDEN")
     assert (await stored_for(database, [tenant.company_id])).sessions == 0
+
+
+async def test_a_request_published_retained_is_applied_once_not_at_every_subscribe(
+    servers: Servers, database: str, store: PostgresStore
+) -> None:
+    """A device publishes an open with the retain flag. The broker keeps that copy and hands it
+    to every new subscription: a gateway starting later (a new replica, a fresh session) must
+    not open a session nobody asked for now. Its live requests are served."""
+    tenant = await make_tenant(store)
+    prefix = f"hb-retained-{secrets.token_hex(3)}/v2"
+    auth = props(UserProperty=[("authorization", f"Bearer {tenant.token()}")])
+    async with aiomqtt.Client(
+        servers.mqtt_host, servers.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as raw:
+        await raw.publish(
+            f"{prefix}/sessions/open",
+            orjson.dumps(tenant.open_payload(requestId="stale")),
+            qos=1,
+            retain=True,
+            properties=auth,
+        )
+    try:
+        async with (
+            running_gateway(gateway_settings(servers, database, topic_prefix=prefix)),
+            Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device,
+        ):
+            live = await device.request(
+                "sessions/open", tenant.open_payload(sectorId=tenant.extra_sectors[0])
+            )
+            assert live["status"] == "success", live
+            sessions = await fetch(
+                database,
+                "SELECT sector_id FROM production_sessions WHERE company_id = $1",
+                tenant.company_id,
+            )
+            assert [r["sector_id"] for r in sessions] == [tenant.extra_sectors[0]]
+    finally:
+        async with aiomqtt.Client(servers.mqtt_host, servers.mqtt_port) as raw:
+            await raw.publish(f"{prefix}/sessions/open", b"", qos=1, retain=True)  # clear it

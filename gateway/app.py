@@ -245,7 +245,8 @@ class Gateway:
             await store.close()
             raise ConfigError(
                 f"the HTTP sidecar cannot listen on {s.http_host}:{s.http_port}: "
-                f"{exc.strerror or exc}; set GATEWAY_HTTP_PORT to a free port"
+                f"{exc.strerror or exc}; set GATEWAY_HTTP_HOST to an address of this machine "
+                "and GATEWAY_HTTP_PORT to a free port"
             ) from None
         if self.http_port is not None:
             log.info("http sidecar on %s:%d", s.http_host, self.http_port)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -26,6 +26,9 @@ log = logging.getLogger("gateway")
 
 _TTL = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+if TYPE_CHECKING:
+    from gateway.store.postgres import PostgresStore
 
 
 MAX_DURATION_S = 366 * 86400
@@ -99,7 +102,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     from gateway.core.seedfile import parse_seed
-    from gateway.store.postgres import PostgresStore
 
     settings = load_settings()
     setup_logging(settings.log_level, "text")
@@ -117,7 +119,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
             )
 
     async def apply() -> dict[str, int]:
-        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        store = await migrated_store(settings.database_url)
         try:
             return await store.seed(seed)
         finally:
@@ -154,32 +156,59 @@ def parse_since(text: str) -> datetime:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"bad --since {text!r}: use an ISO time (2025-10-19T08:00:00Z) or 30m, 2h, 7d"
+            f"bad time {text!r}: use an ISO time (2025-10-19T08:00:00Z) or 30m, 2h, 7d"
         ) from None
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+async def migrated_store(database_url: str) -> PostgresStore:
+    """A one-connection store on a migrated database (else a ConfigError saying to migrate)."""
+    from gateway.app import check_schema
+    from gateway.store.postgres import PostgresStore
+
+    store = await PostgresStore.connect(database_url, max_size=1)
+    await check_schema(store)  # closes the store when it refuses
+    return store
+
+
+DEAD_LETTERS_LIMIT = 100
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from gateway.core.rules import iso
-    from gateway.store.postgres import PostgresStore
 
     settings = load_settings()
 
     async def fetch() -> list[Any]:
-        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        store = await migrated_store(settings.database_url)
         try:
             return await store.dead_letters(since=args.since, reason=args.reason, limit=args.limit)
         finally:
             await store.close()
 
     async def prune(before: datetime) -> int:
-        store = await PostgresStore.connect(settings.database_url, max_size=1)
+        store = await migrated_store(settings.database_url)
         try:
             return await store.prune_dead_letters(before)
         finally:
             await store.close()
 
     if args.prune_before is not None:
+        if args.since or args.reason or args.json or args.limit != DEAD_LETTERS_LIMIT:
+            raise ConfigError(
+                "--prune-before deletes by age alone: it takes no --since, --reason, --limit "
+                "or --json (list them first to see what would go)"
+            )
         removed = asyncio.run(prune(args.prune_before))
         print(f"deleted {removed} dead letter(s) received before {iso(args.prune_before)}")
         return 0
@@ -331,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list refused requests, newest first")
     p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
     p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=positive_int, default=DEAD_LETTERS_LIMIT)
     p.add_argument(
         "--json",
         action="store_true",

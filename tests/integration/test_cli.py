@@ -413,3 +413,41 @@ async def test_dead_letters_prune_before_deletes_only_older_rows(migrated: str) 
     finally:
         await conn.close()
     assert [r["d"] for r in ages] == [1, 29]
+
+
+async def test_seed_and_dead_letters_on_an_unmigrated_database_say_to_migrate(
+    fresh: str, tmp_path: Path
+) -> None:
+    """No traceback: exit 2 and the command to run."""
+    env = clean_env(GATEWAY_DATABASE_URL=fresh)
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("companies:\n  - {companyId: comp_1, name: One}\n")
+    for args in (["seed", str(seed)], ["dead-letters"], ["dead-letters", "--prune-before", "1d"]):
+        done = await run_cli(*args, env=env)
+        assert done.returncode == 2, (args, done)
+        assert "gateway migrate" in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+
+
+async def test_prune_takes_no_filter_and_limit_must_be_positive(migrated: str) -> None:
+    """`--prune-before 1s --reason X` deleted every row, the filter ignored: now refused, and
+    nothing deleted; `--limit -1` is refused by name."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        await conn.execute(
+            """INSERT INTO dead_letters (received_at, topic, reason, payload, payload_size)
+               SELECT now() - interval '1 day', 't', r, '', 0
+               FROM unnest(ARRAY['UNAUTHORIZED', 'VALIDATION_ERROR']) AS r"""
+        )
+        env = clean_env(GATEWAY_DATABASE_URL=migrated)
+        for extra in (["--reason", "UNAUTHORIZED"], ["--since", "2d"], ["--limit", "5"]):
+            done = await run_cli("dead-letters", "--prune-before", "1s", *extra, env=env)
+            assert done.returncode == 2, (extra, done)
+            assert "--prune-before deletes by age alone" in done.stderr
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 2
+        bad = await run_cli("dead-letters", "--limit", "-1", env=env)
+        assert bad.returncode == 2, bad
+        assert "not a positive whole number" in bad.stderr
+        assert "Traceback" not in bad.stderr
+    finally:
+        await conn.close()

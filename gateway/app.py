@@ -65,12 +65,21 @@ def verifier_from(settings: Settings) -> TokenVerifier:
     )
 
 
-async def first_of(wanted: Coroutine[Any, Any, None], stop: Coroutine[Any, Any, bool]) -> bool:
-    """Wait for ``wanted`` unless ``stop`` comes first; True if ``wanted`` finished."""
+async def first_of(
+    wanted: Coroutine[Any, Any, None],
+    stop: Coroutine[Any, Any, bool],
+    watched: asyncio.Task[None] | None = None,
+) -> bool:
+    """Wait for ``wanted`` unless ``stop`` comes first; True if ``wanted`` finished. Should
+    ``watched`` fail meanwhile (the link refusing a setting), its exception is raised."""
     want = asyncio.ensure_future(wanted)
     halt = asyncio.ensure_future(stop)
     try:
-        await asyncio.wait([want, halt], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [want, halt, *([watched] if watched else [])], return_when=asyncio.FIRST_COMPLETED
+        )
+        if watched is not None and watched.done() and not want.done():
+            watched.result()  # raises what ended it
         return want.done()
     finally:
         for task in (want, halt):
@@ -276,7 +285,7 @@ class Gateway:
             tasks["status"] = asyncio.create_task(self._announce(link), name="status")
         try:
             # A stop while the broker is still out of reach (first connect) must not wait for it.
-            if not await first_of(link.wait_connected(), self._stopping.wait()):
+            if not await first_of(link.wait_connected(), self._stopping.wait(), tasks["link"]):
                 log.info("stopping before the broker was reached")
                 return
             # Long-lived startup objects out of the collector's way, and fewer young-generation
@@ -316,6 +325,7 @@ class Gateway:
         runner: Any,
         store: PostgresStore,
     ) -> None:
+        self._stopping.set()  # also when a task's failure is why we stop: all of them end
         timeout = self.settings.shutdown_timeout_s
         log.info("stopping: finishing the batch in hand (at most %.0f s)", timeout)
         assert self.pipeline is not None and self.link is not None
@@ -326,7 +336,7 @@ class Gateway:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(tasks[name]), 5)
         self.link.stop()
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+        with contextlib.suppress(Exception, asyncio.CancelledError):  # it may be why we stop
             await asyncio.wait_for(asyncio.shield(tasks["link"]), 5)
         await dead_letters.close()
         for task in tasks.values():

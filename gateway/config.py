@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
@@ -144,6 +145,24 @@ class Settings(BaseSettings):
                     "https://app.example.com,http://localhost:3000"
                 )
         return value
+
+    @field_validator("mqtt_ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=value)
+        except FileNotFoundError:
+            raise ValueError(f"{value} does not exist: give the PEM file of the CA") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{value} is not a PEM CA certificate ({exc})") from None
+        return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _fold_format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @field_validator("log_level")
     @classmethod

@@ -43,6 +43,7 @@ from gateway.core.mqtt5 import (
     Publish,
     Will,
 )
+from gateway.errors import ConfigError
 
 if TYPE_CHECKING:
     from gateway.errors import RequestError
@@ -80,6 +81,25 @@ class PublishError(Exception):
 
 class ConnectionFailed(Exception):
     """The broker refused us or the connection broke; the link reconnects."""
+
+
+class LoginRefused(ConnectionFailed):
+    """CONNACK refused who we are: wrong credentials, not authorized, a bad client id."""
+
+    def __init__(self, reason: int) -> None:
+        super().__init__(
+            f"broker refused the connection (reason 0x{reason:02x} "
+            f"{_REFUSALS.get(reason, 'refused')})"
+        )
+        self.reason = reason
+
+
+_REFUSALS = {
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x8C: "bad authentication method",
+}
 
 
 class _Wire(Protocol):
@@ -300,9 +320,28 @@ class MqttLink:
         """Connect, subscribe and stay connected until ``stop()``; reconnect with backoff."""
         delay = BACKOFF_INITIAL_S
         while not self._stopping.is_set():
+            epoch = self._epoch
             try:
                 await self._session()
                 delay = BACKOFF_INITIAL_S
+            except LoginRefused as exc:
+                if self._epoch == 0:  # never got in: a setting to fix, not an outage to wait out
+                    raise ConfigError(
+                        f"{exc} at {self._settings.mqtt_url}: check GATEWAY_MQTT_USERNAME, "
+                        "GATEWAY_MQTT_PASSWORD and GATEWAY_MQTT_CLIENT_ID against the broker's "
+                        "password file and ACL"
+                    ) from None
+                log.error(
+                    "mqtt connection to %s failed: %s; retrying", self._settings.mqtt_url, exc
+                )
+            except ssl.SSLCertVerificationError as exc:
+                if self._epoch == 0:
+                    raise ConfigError(
+                        f"the broker at {self._settings.mqtt_url} has a certificate this gateway "
+                        f"does not trust ({exc.verify_message}): set GATEWAY_MQTT_CA_FILE to the "
+                        "CA that signed it"
+                    ) from None
+                log.error("mqtt connection to %s failed: %s", self._settings.mqtt_url, exc)
             except (ConnectionFailed, ProtocolError, OSError, TimeoutError, ssl.SSLError) as exc:
                 log.warning(
                     "mqtt connection to %s failed: %s; retrying in %.1f s",
@@ -316,6 +355,8 @@ class MqttLink:
                 self._reset()
             if self._stopping.is_set():
                 break
+            if self._epoch != epoch:  # it was connected: a fresh drop, not a broker still down
+                delay = BACKOFF_INITIAL_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
@@ -375,6 +416,8 @@ class MqttLink:
             )
         )
         connack = await self._await(self._connack, "CONNACK")
+        if connack.reason in _REFUSALS:
+            raise LoginRefused(connack.reason)
         if connack.reason >= 0x80:
             raise ConnectionFailed(f"broker refused the connection (reason 0x{connack.reason:02x})")
         self.session_present = connack.session_present

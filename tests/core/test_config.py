@@ -109,6 +109,8 @@ def test_env_overrides(
         ("GATEWAY_CORS_ORIGINS", "example.com"),
         ("GATEWAY_CORS_ORIGINS", "https://ok.example,ftp://files.example"),
         ("GATEWAY_CORS_ORIGINS", "https://app.example/path"),
+        ("GATEWAY_MQTT_CA_FILE", "/nonexistent/ca.pem"),
+        ("GATEWAY_MQTT_CA_FILE", "/etc/hostname"),
     ],
 )
 def test_bad_values_name_the_variable(
@@ -208,3 +210,9 @@ def test_every_setting_is_in_the_readme() -> None:
         if f"`GATEWAY_{name.upper()}`" not in readme
     ]
     assert missing == []
+
+
+def test_log_format_ignores_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GATEWAY_LOG_FORMAT=JSON is json, as GATEWAY_LOG_LEVEL=info is INFO."""
+    monkeypatch.setenv("GATEWAY_LOG_FORMAT", "TEXT")
+    assert load_settings().log_format == "text"

@@ -13,7 +13,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gateway.app import Gateway
 from gateway.devstack import render_mosquitto_config
+from gateway.errors import ConfigError
 from gateway.resources import data_dir
 from gateway.store.postgres import PostgresStore
 from tests.conftest import create_database, gateway_settings, running_gateway
@@ -355,3 +357,36 @@ async def test_a_device_cannot_take_the_gateways_client_id(
             assert await gateway.publish(done, b"done") == 0
             assert live_topics(await gateway.until(done))[-1] == done
             assert live_topics(await imp.until(done)) == [done]
+
+
+@pytest.mark.parametrize(
+    ("transport", "changes", "named"),
+    [
+        ("tcp", {"mqtt_password": "wrong"}, "GATEWAY_MQTT_PASSWORD"),
+        ("tcp", {"mqtt_username": "nobody"}, "GATEWAY_MQTT_USERNAME"),
+        ("mqtts", {"mqtt_ca_file": None}, "GATEWAY_MQTT_CA_FILE"),
+        ("wss", {"mqtt_ca_file": None}, "GATEWAY_MQTT_CA_FILE"),
+    ],
+)
+async def test_a_setting_the_broker_refuses_stops_the_gateway_at_start(
+    broker: SecureBroker,
+    servers: Servers,
+    secure_database: str,
+    transport: Transport,
+    changes: dict[str, object],
+    named: str,
+) -> None:
+    """A wrong password or an untrusted certificate is not an outage to wait out: the first
+    connection fails with a ConfigError naming the setting (it retried for ever)."""
+    settings = gateway_settings(
+        servers,
+        secure_database,
+        mqtt_url=broker.url(transport),
+        mqtt_username="hydrobit-gateway",
+        mqtt_password=USERS["hydrobit-gateway"],
+        mqtt_ca_file=str(broker.certs.ca),
+    ).model_copy(update=changes)
+    gateway = Gateway(settings)
+    with pytest.raises(ConfigError) as info:
+        await asyncio.wait_for(gateway.run(), 30)
+    assert named in str(info.value)

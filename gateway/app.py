@@ -144,7 +144,7 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
 
-    async def retire(self, quiet_s: float = 2.0) -> None:
+    async def retire(self, quiet_s: float = 2.0) -> bool:
         """Take this replica out for good (``Gateway(..., retiring=True)``, then ``run()``).
 
         Its broker session holds a share of the requests that arrived while it was down (and,
@@ -154,6 +154,14 @@ class Gateway:
         """
         await self.started.wait()
         assert self.link is not None and self.pipeline is not None
+        if not self.link.session_present:
+            log.warning(
+                "the broker had no session for %s: nothing to retire (check "
+                "GATEWAY_MQTT_CLIENT_ID)",
+                self.link.client_id,
+            )
+            self.stop()
+            return False
         await self.link.wait_unsubscribed()
         log.info("retiring %s: unsubscribed; answering what was queued for it", self.link.client_id)
         pipeline = self.pipeline
@@ -166,6 +174,7 @@ class Gateway:
             "retiring %s: nothing more queued; ending its session", self.settings.mqtt_client_id
         )
         self.stop()
+        return True
 
     def _status(self, status: str) -> bytes:
         return orjson.dumps(

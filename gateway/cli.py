@@ -67,7 +67,7 @@ def cmd_run(_args: argparse.Namespace) -> int:
     return 0
 
 
-async def _retire(settings: Settings, quiet_s: float) -> None:
+async def _retire(settings: Settings, quiet_s: float) -> bool:
     from gateway.app import Gateway
 
     gateway = Gateway(settings, retiring=True)
@@ -76,16 +76,24 @@ async def _retire(settings: Settings, quiet_s: float) -> None:
     try:
         await gateway.run()
     finally:
-        retiring.cancel()
+        if not retiring.done():
+            retiring.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await retiring
+    return retiring.done() and not retiring.cancelled() and retiring.result()
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     settings.require_jwt_keys()
-    asyncio.run(_retire(settings, args.quiet))
+    if not asyncio.run(_retire(settings, args.quiet)):
+        print(
+            f"nothing retired: the broker had no session for {settings.mqtt_client_id} (check "
+            "GATEWAY_MQTT_CLIENT_ID: it must be the removed replica's)",
+            file=sys.stderr,
+        )
+        return 1
     print(f"retired {settings.mqtt_client_id}: its queued requests answered, its session ended")
     return 0
 

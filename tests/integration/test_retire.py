@@ -82,7 +82,7 @@ async def test_retire_answers_the_queued_share_then_ends_the_session(
         retiring = Gateway(gone.model_copy(update={"http_port": live.http_port}), retiring=True)
         status.messages.clear()
         run = asyncio.create_task(retiring.run())
-        await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60)
+        assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is True
         await asyncio.wait_for(run, 60)
         # nothing said on the status topic the live replicas share (its `offline` would stand
         # there until the live one's next `online`)
@@ -106,3 +106,18 @@ async def test_retire_answers_the_queued_share_then_ends_the_session(
     finally:
         await conn.close()
     assert stored == 2 * N
+
+
+async def test_retire_of_a_client_id_the_broker_does_not_know_says_so(
+    servers: Servers, database: str
+) -> None:
+    """A mistyped GATEWAY_MQTT_CLIENT_ID: nothing to retire, said so (it reported success), and
+    no session is left behind for the typo."""
+    settings = gateway_settings(servers, database).model_copy(
+        update={"mqtt_client_id": f"hydrobit-gateway-typo-{secrets.token_hex(3)}"}
+    )
+    retiring = Gateway(settings, retiring=True)
+    run = asyncio.create_task(retiring.run())
+    assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is False
+    await asyncio.wait_for(run, 60)
+    assert not await session_present(servers, settings.mqtt_client_id)

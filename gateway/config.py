@@ -177,7 +177,7 @@ class Settings(BaseSettings):
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ValueError(
                 "GATEWAY_JWT_SECRET must be at least 32 bytes for HS256 "
-                "(generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+                "(generate one with: python3 -c 'import secrets; print(secrets.token_hex(32))')"
             )
         return self
 

@@ -167,10 +167,21 @@ class MqttWsConnection:
         self.pongs: list[bytes] = []  # answers to the server's pings, sent by the next read
         self.received = 0
         self.last_sent = time.monotonic()
-        if self.websocket:
-            self._handshake(host, port, path or "/mqtt")
-        self.send(connect_packet(client_id))
-        self._expect(0x20, "CONNACK")
+        try:
+            if self.websocket:
+                self._handshake(host, port, path or "/mqtt")
+            self.send(connect_packet(client_id))
+            connack = self._expect(0x20, "CONNACK")
+        except BaseException:
+            self.sock.close()
+            raise
+        if len(connack) >= 2 and connack[1] >= 0x80:
+            self.sock.close()
+            raise SimulationError(
+                f"the broker refused {client_id} (CONNACK reason 0x{connack[1]:02x}): the "
+                "simulated devices connect anonymously, so point --url at a broker that lets "
+                "them in, such as gateway dev's (the hardened production.conf does not)"
+            )
 
     def frame(self, data: bytes) -> bytes:
         return ws_frame(data) if self.websocket else data
@@ -732,6 +743,11 @@ def parse_ws_url(url: str) -> tuple[str, int, str | None, bool]:
         raise ConfigError(
             f"broker URL {url!r}: use ws://host:9001/mqtt (devices' WebSocket), "
             "wss://..., mqtt://host:1883 or mqtts://..."
+        )
+    if parts.username or parts.password:
+        raise ConfigError(
+            "broker URL: no user or password in it; the simulated devices connect anonymously "
+            "(use gateway dev's broker, or a test listener that allows them)"
         )
     port = parts.port or defaults[parts.scheme]
     path = (parts.path or "/mqtt") if parts.scheme in ("ws", "wss") else None

@@ -17,6 +17,7 @@ from gateway.app import Gateway
 from gateway.devstack import render_mosquitto_config
 from gateway.errors import ConfigError
 from gateway.resources import data_dir
+from gateway.simulate import MqttWsConnection, SimulationError, parse_ws_url
 from gateway.store.postgres import PostgresStore
 from tests.conftest import create_database, gateway_settings, running_gateway
 from tests.support.extra_broker import (
@@ -390,3 +391,13 @@ async def test_a_setting_the_broker_refuses_stops_the_gateway_at_start(
     with pytest.raises(ConfigError) as info:
         await asyncio.wait_for(gateway.run(), 30)
     assert named in str(info.value)
+
+
+def test_the_simulator_refused_by_the_hardened_broker_says_why(broker: SecureBroker) -> None:
+    """gateway simulate's devices connect anonymously: the hardened broker's refusal is named
+    (it read as 'is the gateway running?'), and a URL with a password in it is refused."""
+    with pytest.raises(SimulationError, match=r"refused .*0x87.*gateway dev"):
+        MqttWsConnection(broker.host, broker.port("ws"), "/mqtt", "sim-x")
+    with pytest.raises(ConfigError) as info:
+        parse_ws_url(f"ws://device-a:{USERS['device-a']}@127.0.0.1:9001/mqtt")
+    assert USERS["device-a"] not in str(info.value)

@@ -60,8 +60,12 @@ async def _run(settings: Settings) -> None:
 
 
 def cmd_run(_args: argparse.Namespace) -> int:
+    from gateway.config import unknown_settings
+
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
+    for name in unknown_settings(os.environ):
+        log.warning("%s is not a setting: ignored", name)
     settings.require_jwt_keys()
     asyncio.run(_run(settings))
     return 0
@@ -144,6 +148,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     settings = load_settings()
     if not settings.jwt_secret:
         raise ConfigError("gateway token signs with GATEWAY_JWT_SECRET (HS256): set it first")
+    if not args.sub.strip():
+        raise ConfigError("--sub names the user (auth0Id) the token is for: it cannot be empty")
     print(
         mint_token(
             settings.jwt_secret,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import socket
 import ssl
+from collections.abc import Mapping
 from functools import cached_property
 from urllib.parse import unquote, urlsplit
 
@@ -211,5 +213,17 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
             name = f"GATEWAY_{loc.upper()}" if loc else "configuration"
-            lines.append(f"  {name}: {err['msg']}")
+            lines.append(f"  {name}: {str(err['msg']).removeprefix('Value error, ')}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """``GATEWAY_*`` variables that set nothing (a typo leaves the default in force), each
+    with the setting it probably meant."""
+    known = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    found = []
+    for name in sorted(environ):
+        if name.startswith("GATEWAY_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            found.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return found

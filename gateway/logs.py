@@ -38,3 +38,18 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # paho logs every packet at DEBUG through aiomqtt's "mqtt" logger
     logging.getLogger("mqtt").setLevel(max(logging.WARNING, root.level))
+    # asyncpg's pool warns with a full traceback every few seconds while PostgreSQL is away;
+    # the gateway says so itself in one line: keep asyncpg's line, not the traceback
+    logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+        if record.exc_info and record.exc_info[1] is not None:
+            cause = repr(record.exc_info[1])
+            if record.args:  # msg is %-formatted with them later
+                cause = cause.replace("%", "%%")
+            record.msg = f"{record.msg} ({cause})"
+        record.exc_info = None
+        record.exc_text = None
+    return True

@@ -79,6 +79,10 @@ class PublishError(Exception):
     """A publish could not be queued (not connected); the caller decides whether to retry."""
 
 
+class PublishRefused(PublishError):
+    """The broker answered a publish with a refusal (MQTT 5 PUBACK reason >= 0x80)."""
+
+
 class ConnectionFailed(Exception):
     """The broker refused us or the connection broke; the link reconnects."""
 
@@ -440,7 +444,8 @@ class MqttLink:
         else:
             self._write(mqtt5.encode_subscribe(self._packet_id(), self._subscriptions))
         if self._status_topic is not None:
-            self.publish(self._status_topic, self._online_payload(), retain=True)
+            status = self.publish(self._status_topic, self._online_payload(), retain=True)
+            status.add_done_callback(self._check_status_publish)
         self._connected_event.set()
         if self.on_connected:
             self.on_connected(self.session_present)
@@ -606,6 +611,16 @@ class MqttLink:
             )
         )
 
+    def _check_status_publish(self, fut: asyncio.Future[None]) -> None:
+        """The first publish of a connection: refused, it points at an ACL or prefix mistake."""
+        if not fut.cancelled() and isinstance(exc := fut.exception(), PublishRefused):
+            log.warning(
+                "%s on %s: does the broker's ACL give this user (GATEWAY_MQTT_USERNAME) the "
+                "topic prefix GATEWAY_TOPIC_PREFIX? Requests under it would not reach us either",
+                exc,
+                self._status_topic,
+            )
+
     def _puback(self, pkt: Ack) -> None:
         if pkt.packet_id not in self._pending:
             return
@@ -613,7 +628,7 @@ class MqttLink:
         self._inflight -= 1
         if fut is not None and not fut.done():
             if pkt.reasons and pkt.reasons[0] >= 0x80:
-                fut.set_exception(PublishError(f"broker refused publish: 0x{pkt.reasons[0]:02x}"))
+                fut.set_exception(PublishRefused(f"broker refused publish: 0x{pkt.reasons[0]:02x}"))
                 fut.exception()
             else:
                 fut.set_result(None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import MqttEndpoint, Settings, load_settings
+from gateway.config import MqttEndpoint, Settings, load_settings, unknown_settings
 from gateway.errors import ConfigError
 
 GOOD_SECRET = "0123456789abcdef0123456789abcdef"
@@ -216,3 +216,17 @@ def test_log_format_ignores_case(monkeypatch: pytest.MonkeyPatch) -> None:
     """GATEWAY_LOG_FORMAT=JSON is json, as GATEWAY_LOG_LEVEL=info is INFO."""
     monkeypatch.setenv("GATEWAY_LOG_FORMAT", "TEXT")
     assert load_settings().log_format == "text"
+
+
+def test_unknown_settings_are_named_with_the_one_meant() -> None:
+    """GATEWAY_MAX_BULKK=5 sets nothing: `gateway run` warns, naming GATEWAY_MAX_BULK."""
+    environ = {
+        "GATEWAY_MAX_BULKK": "5",
+        "GATEWAY_ZZZ": "1",
+        "GATEWAY_MAX_BULK": "10",
+        "HOME": "/root",
+    }
+    assert unknown_settings(environ) == [
+        "GATEWAY_MAX_BULKK (did you mean GATEWAY_MAX_BULK?)",
+        "GATEWAY_ZZZ",
+    ]

@@ -250,6 +250,14 @@ async def test_token_without_secret_names_the_variable() -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("sub", ["", "   "])
+async def test_token_for_nobody_is_refused(sub: str) -> None:
+    """``token --sub ''`` minted a token with an empty sub: a usage error now."""
+    done = await run_cli("token", "--sub", sub, env=clean_env(GATEWAY_JWT_SECRET=JWT_SECRET))
+    assert done.returncode == 2, done
+    assert "--sub" in done.stderr and done.stdout.strip() == ""
+
+
 @pytest.mark.parametrize("ttl", ["soon", "0", "10000000000h", "367d"])
 async def test_token_with_bad_ttl_is_refused(ttl: str) -> None:
     """``token --ttl soon`` (or zero, or over a year) is a usage error (exit 2)."""

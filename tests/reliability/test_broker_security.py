@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -401,3 +402,29 @@ def test_the_simulator_refused_by_the_hardened_broker_says_why(broker: SecureBro
     with pytest.raises(ConfigError) as info:
         parse_ws_url(f"ws://device-a:{USERS['device-a']}@127.0.0.1:9001/mqtt")
     assert USERS["device-a"] not in str(info.value)
+
+
+async def test_a_prefix_the_acl_does_not_give_the_gateway_is_warned_about(
+    broker: SecureBroker,
+    servers: Servers,
+    secure_database: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GATEWAY_TOPIC_PREFIX outside the gateway user's ACL: the broker refuses its status
+    publish (0x87) and the log says which settings to check (it said nothing, /readyz 200)."""
+    settings = gateway_settings(
+        servers,
+        secure_database,
+        mqtt_url=broker.url("tcp"),
+        mqtt_username="hydrobit-gateway",
+        mqtt_password=USERS["hydrobit-gateway"],
+        topic_prefix="elsewhere/v2",
+        share_group=f"gw-{secrets.token_hex(3)}",
+    )
+    with caplog.at_level(logging.WARNING, logger="gateway.transport.mqtt"):
+        async with running_gateway(settings):
+            for _ in range(100):
+                if "GATEWAY_TOPIC_PREFIX" in caplog.text:
+                    break
+                await asyncio.sleep(0.05)
+    assert "0x87" in caplog.text and "GATEWAY_TOPIC_PREFIX" in caplog.text

@@ -1,0 +1,37 @@
+"""Log set-up: asyncpg's pool warnings keep their line, not their traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from gateway.logs import setup_logging
+
+
+@pytest.fixture
+def logging_as_set_up() -> Iterator[None]:
+    """setup_logging() for one test; the root logger and asyncpg's filters restored after."""
+    root = logging.getLogger()
+    pool = logging.getLogger("asyncpg.pool")
+    saved = (root.handlers[:], root.level, pool.filters[:])
+    yield
+    root.handlers[:], level, pool.filters[:] = saved
+    root.setLevel(level)
+
+
+def test_asyncpg_pool_warnings_carry_no_traceback(
+    logging_as_set_up: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging("INFO", "text")
+    try:
+        raise ConnectionRefusedError(111, "Connect call failed 50% of the time")
+    except ConnectionRefusedError:
+        logging.getLogger("asyncpg.pool").warning(
+            "Failed to restore the pool connection floor", exc_info=True
+        )
+    err = capsys.readouterr().err
+    assert "Failed to restore the pool connection floor" in err
+    assert "Connect call failed 50% of the time" in err
+    assert "Traceback" not in err

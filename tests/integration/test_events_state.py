@@ -65,6 +65,16 @@ class Watcher:
         raise AssertionError(f"nothing matched on {self.filter}: {self.payloads()[-5:]}")
 
 
+async def make_due(conn: asyncpg.Connection, session_ids: list[str]) -> None:
+    """Put the sessions' deadline a minute in the past, for the sweeper to find."""
+    await conn.execute(
+        "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01, "
+        "version = version + 1 WHERE session_id = ANY($1::text[])",
+        session_ids,
+        datetime.now(UTC) - timedelta(minutes=1),
+    )
+
+
 async def test_lifecycle_events_are_published_once_each(
     servers: Servers, device: Device, tenant: Tenant
 ) -> None:
@@ -239,13 +249,7 @@ async def test_two_sweepers_announce_one_expiry(
         sid = (await device.request("sessions/open", tenant.open_payload()))["data"]["sessionId"]
         conn = await asyncpg.connect(database)
         try:
-            past = datetime.now(UTC) - timedelta(minutes=1)
-            await conn.execute(
-                "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01, "
-                "version = version + 1 WHERE session_id = $1",
-                sid,
-                past,
-            )
+            await make_due(conn, [sid])
             for gw in gateways:
                 assert gw.sweeper is not None
                 gw.sweeper.nudge()
@@ -296,13 +300,7 @@ async def test_a_session_whose_amount_overflows_holds_back_no_other(
             await ops.wait_for(
                 lambda p: p.get("sessionId") == good and p.get("totals", {}).get("units") == 12
             )
-            past = datetime.now(UTC) - timedelta(minutes=1)
-            await conn.execute(
-                "UPDATE production_sessions SET expires_at = $2, max_duration_hours = 0.01, "
-                "version = version + 1 WHERE session_id = ANY($1::text[])",
-                sids,
-                past,
-            )
+            await make_due(conn, sids)
             assert gateway.sweeper is not None
             gateway.sweeper.nudge()
             for sid in sids:

@@ -282,7 +282,7 @@ class Service:
             )
         if cmd.maxDurationHours is None:
             hours = project.max_duration_hours
-            rules.check_project_default_duration(project.project_id, hours, self.limits)
+            rules.check_duration(hours, self.limits, default_of=project.project_id)
         else:
             hours = cmd.maxDurationHours
             rules.check_duration(hours, self.limits)

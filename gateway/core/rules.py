@@ -162,38 +162,25 @@ def check_units(units: float, limits: Limits, field: str = "units") -> None:
         )
 
 
-def check_duration(hours: float, limits: Limits) -> None:
-    if hours > limits.max_session_hours:
-        raise InvalidRequest(
-            f"maxDurationHours {hours:g} exceeds the limit of {limits.max_session_hours:g}",
-            {
-                "fields": [
-                    {
-                        "field": "maxDurationHours",
-                        "message": f"must be <= {limits.max_session_hours:g}",
-                    }
-                ]
-            },
+def check_duration(hours: float, limits: Limits, *, default_of: str | None = None) -> None:
+    """``hours`` within GATEWAY_MAX_SESSION_HOURS. ``default_of`` names the project whose
+    default it is (seeded before the limit was lowered): the device never sent it, so the
+    refusal says what to send."""
+    if hours <= limits.max_session_hours:
+        return
+    limit = f"{limits.max_session_hours:g}"
+    if default_of is None:
+        message, field = (
+            f"maxDurationHours {hours:g} exceeds the limit of {limit}",
+            f"must be <= {limit}",
         )
-
-
-def check_project_default_duration(project_id: str, hours: float, limits: Limits) -> None:
-    """A session opened without maxDurationHours takes its project's, which may exceed the
-    limit (seeded before the limit was lowered): say so, and what the device can send."""
-    if hours > limits.max_session_hours:
-        limit = f"{limits.max_session_hours:g}"
-        raise InvalidRequest(
-            f"project {project_id} has a default maxDurationHours of {hours:g}, above the limit "
-            f"of {limit}: send maxDurationHours (<= {limit}) or have the project's default lowered",
-            {
-                "fields": [
-                    {
-                        "field": "maxDurationHours",
-                        "message": f"required here: the project's default {hours:g} is > {limit}",
-                    }
-                ]
-            },
+    else:
+        message = (
+            f"project {default_of} has a default maxDurationHours of {hours:g}, above the limit "
+            f"of {limit}: send maxDurationHours (<= {limit}) or have the project's default lowered"
         )
+        field = f"required here: the project's default {hours:g} is > {limit}"
+    raise InvalidRequest(message, {"fields": [{"field": "maxDurationHours", "message": field}]})
 
 
 def check_extension(current_hours: float, requested_hours: float, limits: Limits) -> None:

@@ -20,7 +20,6 @@ from gateway.core.rules import (
     check_duration,
     check_extension,
     check_open,
-    check_project_default_duration,
     check_recorded_at,
     check_units,
     day_iso,
@@ -347,9 +346,9 @@ def test_check_duration_honours_the_limit() -> None:
 
 def test_project_default_duration_above_the_limit_names_the_project() -> None:
     """A project default over the limit: the refusal says it is the project's, and what to send."""
-    check_project_default_duration("proj_1", 48, Limits(max_session_hours=48))
+    check_duration(48, Limits(max_session_hours=48), default_of="proj_1")
     with pytest.raises(InvalidRequest) as info:
-        check_project_default_duration("proj_1", 100, Limits(max_session_hours=48))
+        check_duration(100, Limits(max_session_hours=48), default_of="proj_1")
     assert "proj_1" in info.value.message and "send maxDurationHours" in info.value.message
     assert info.value.details["fields"][0]["field"] == "maxDurationHours"
 

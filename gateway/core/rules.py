@@ -157,7 +157,7 @@ def check_recorded_at(recorded_at: datetime, arrival: datetime, skew_s: float) -
 def check_units(units: float, limits: Limits, field: str = "units") -> None:
     if units > limits.max_units:
         raise InvalidRequest(
-            f"{field} {units:g} exceeds the limit of {limits.max_units:g}",
+            f"{field} {units:.15g} exceeds the limit of {limits.max_units:g}",
             {"fields": [{"field": field, "message": f"must be <= {limits.max_units:g}"}]},
         )
 
@@ -171,7 +171,7 @@ def check_duration(hours: float, limits: Limits, *, default_of: str | None = Non
     limit = f"{limits.max_session_hours:g}"
     if default_of is None:
         message, field = (
-            f"maxDurationHours {hours:g} exceeds the limit of {limit}",
+            f"maxDurationHours {hours:.15g} exceeds the limit of {limit}",
             f"must be <= {limit}",
         )
     else:

@@ -425,3 +425,11 @@ def test_to_millis() -> None:
     value = datetime(2025, 10, 19, 8, 0, 0, 123_987, tzinfo=UTC)
     assert to_millis(value) == datetime(2025, 10, 19, 8, 0, 0, 123_000, tzinfo=UTC)
     assert iso(to_millis(value)) == iso(value)
+
+
+def test_a_refusal_shows_the_value_sent_not_a_rounded_one() -> None:
+    """units 100000.5 read "units 100000 exceeds the limit of 100000"."""
+    with pytest.raises(InvalidRequest, match=r"units 100000\.5 exceeds the limit of 100000$"):
+        check_units(100000.5, Limits(max_units=100000))
+    with pytest.raises(InvalidRequest, match=r"maxDurationHours 48\.0001 exceeds"):
+        check_duration(48.0001, Limits(max_session_hours=48))

@@ -20,14 +20,19 @@ def check_idempotency_key(
 ) -> None:
     """An idempotencyKey shaped like a client key must be this record's own: the check
     (SPEC §5) reads ``client:...`` as a client key, and would answer for another record."""
-    if key is None or not key.startswith(CLIENT_PREFIX):
+    if key is None or split_client_key(key) is None:
         return
     own = client_key(session_id, worker_id, client_event_id)
     if key != own:
         raise InvalidRequest(
-            f"idempotencyKey {key!r} has the form of another record's key; use {own!r} "
-            "or a key that does not start with 'client:'",
-            {"fields": [{"field": "idempotencyKey", "message": "must not start with 'client:'"}]},
+            f"idempotencyKey {key!r} has the form of another record's key "
+            "client:{sessionId}:{workerId}:{clientEventId}; use this record's own "
+            f"({own!r}) or a key of another form",
+            {
+                "fields": [
+                    {"field": "idempotencyKey", "message": "has the form of another record's key"}
+                ]
+            },
         )
 
 
@@ -35,7 +40,7 @@ def split_client_key(key: str) -> tuple[str, str] | None:
     """``(sessionId, "workerId:clientEventId")`` of a client key, or None.
 
     Session ids never contain ``:``, so the first one after the prefix ends the session id;
-    worker ids have none either (refused at validation), so the rest names one record.
+    worker and event ids may contain ``:`` themselves, so the rest is matched as a whole.
     """
     if not key.startswith(CLIENT_PREFIX):
         return None

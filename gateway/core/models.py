@@ -6,9 +6,8 @@ the field and what to send instead.
 
 from __future__ import annotations
 
-import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
 
@@ -69,21 +68,9 @@ def _not_blank(value: str) -> str:
     return value
 
 
-def _no_colon(value: str) -> str:
-    if ":" in value:
-        raise ValueError(
-            "must not contain ':', which separates the parts of the record's key "
-            "client:{sessionId}:{workerId}:{clientEventId}"
-        )
-    return value
-
-
 Instant = Annotated[datetime, BeforeValidator(_parse_instant)]
 Id = Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX), AfterValidator(_not_blank)]
 Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_not_blank)]
-# ':' in a workerId would let two records share one key string (worker "a:b" with event "c",
-# worker "a" with event "b:c"); session ids have none, so without it the key is unique.
-WorkerId = Annotated[Id, AfterValidator(_no_colon)]
 Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
@@ -158,22 +145,26 @@ class MisspelledField(ValueError):
         self.field = field
 
 
-def near_miss(name: str, known: Sequence[str]) -> str | None:
-    """The known field ``name`` looks like a misspelling of (case, '_', a letter or two)."""
+def near_miss(name: str, known: Sequence[str], given: Collection[str]) -> str | None:
+    """The known field, not ``given``, that ``name`` is a slip of: the same but for case and
+    '_', or a letter 's' (``unit``, ``Units``, ``idempotency_key``). Nothing looser: devices
+    may add fields of their own (``orderId``, ``unitsKg``)."""
     folded = name.replace("_", "").lower()
     for field in known:
-        if folded == field.replace("_", "").lower():
+        if field in given:
+            continue
+        target = field.replace("_", "").lower()
+        if folded in (target, f"{target}s") or f"{folded}s" == target:
             return field
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-    return close[0] if close else None
+    return None
 
 
 class CreateRecord(_Request):
-    # Unknown fields are kept aside (devices may add their own) but checked for misspellings.
+    # Unknown fields are left aside (devices may add their own) once checked for slips of ours.
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
 
     sessionId: Id | None = None
-    workerId: WorkerId
+    workerId: Id
     worker_name: Name
     units: NonNegative = 1.0
     recordedAtUtc: Instant
@@ -194,7 +185,7 @@ class CreateRecord(_Request):
             for name in extra:
                 if name in RECORD_FIELDS:  # an envelope field inside a bulk item
                     continue
-                meant = near_miss(name, RECORD_FIELDS)
+                meant = near_miss(name, RECORD_FIELDS, self.model_fields_set)
                 if meant is not None:
                     raise MisspelledField(name, meant)
             object.__setattr__(self, "__pydantic_extra__", {})  # checked: not kept

@@ -5,7 +5,8 @@ one after the other. Each request claims some keys (a session, a record, ...), e
 with a label: two requests whose claims share a key but not the label must run in arrival
 order (the later one in a later wave); with the same label they may share a wave (record
 creates of one session go to the store together, which keeps their order itself). A request
-whose label is unique to it thus runs alone on that key, after everything before it.
+whose label is unique to it thus runs alone on that key, after everything before it; a read
+(label ``READ``) runs after everything before it and holds nothing back.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 
 Claim = tuple[Hashable, Hashable]  # (key, label)
+
+# The label of a read (a get, a check): it comes after everything sent before it on its key,
+# but what is sent after it need not wait for it (it may see that too).
+READ = None
 
 
 def waves(claims: Sequence[Iterable[Claim]]) -> list[int]:
@@ -28,10 +33,11 @@ def waves(claims: Sequence[Iterable[Claim]]) -> list[int]:
         wave = 0
         for key, label in mine:
             for other, seen in last.get(key, {}).items():
-                wave = max(wave, seen if other == label else seen + 1)
+                wave = max(wave, seen if other == label and label is not READ else seen + 1)
         for key, label in mine:
-            labels = last.setdefault(key, {})
-            labels[label] = max(labels.get(label, 0), wave)
+            if label is not READ:  # a read holds nothing back
+                labels = last.setdefault(key, {})
+                labels[label] = max(labels.get(label, 0), wave)
         out.append(wave)
     return out
 

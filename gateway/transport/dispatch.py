@@ -19,6 +19,7 @@ import orjson
 
 from gateway.core import ordering
 from gateway.core.auth import Claims, TokenVerifier
+from gateway.core.idempotency import split_client_key
 from gateway.core.models import (
     EMPTY_ENVELOPE,
     CheckIdempotency,
@@ -147,23 +148,19 @@ class Dispatcher:
             if r.msg.settled is not None:  # applied before the database went away: keep it
                 r.body, r.error = r.msg.settled
         todo = [r for r in reqs if r.open]
-        bulks: list[tuple[_Request, Bulk]] = []
         if all(r.route is not None and r.route.op is Op.CREATE_RECORD for r in todo):
-            await self._apply_wave(todo, bulks)  # the hot path: one wave, the store keeps order
+            await self._apply_wave(todo)  # the hot path: one wave, the store keeps order
         else:
             for wave in ordering.group(ordering.waves([_claims(r) for r in todo])):
-                await self._apply_wave([todo[i] for i in wave], bulks)
-        for r, bulk in bulks:
-            if r.error is None:
-                r.body = bulk.body()
-                self._refuse_items(r, bulk)
+                await self._apply_wave([todo[i] for i in wave])
         return [self._reply(r) for r in reqs]
 
-    async def _apply_wave(
-        self, wave: Sequence[_Request], bulks: list[tuple[_Request, Bulk]]
-    ) -> None:
-        """Record creates of the wave together, its other requests concurrently."""
+    async def _apply_wave(self, wave: Sequence[_Request]) -> None:
+        """Record creates of the wave together, its other requests concurrently. What is
+        decided is kept (``Inbound.settled``) should a later wave meet the database gone: the
+        retry then answers it the same way (not a create as a replay, a close as closed)."""
         records: list[tuple[Sink, RecordRequest]] = []
+        bulks: list[tuple[_Request, Bulk]] = []
         others: list[_Request] = []
         for r in wave:
             assert r.route is not None
@@ -182,6 +179,13 @@ class Dispatcher:
             *(self._run(r) for r in others),
             return_exceptions=True,
         )
+        if not isinstance(results[0], BaseException):  # every record of the wave decided
+            for r, bulk in bulks:
+                r.body = bulk.body()
+                self._refuse_items(r, bulk)
+        for r in wave:
+            if r.body is not None or r.error is not None:
+                r.msg.settled = (r.body, r.error)
         for result in results:
             if isinstance(result, StoreUnavailable):
                 raise result
@@ -359,10 +363,6 @@ class Dispatcher:
         except Exception as exc:
             log.exception("operation %s on %s failed", r.route.op, r.msg.topic)
             r.error = as_request_error(exc)
-        # Decided (and, for a change, committed): should a later wave of this batch meet the
-        # database gone, the retry answers this the same way rather than applying it again
-        # (a close again would say SESSION_CLOSED).
-        r.msg.settled = (r.body, r.error)
 
     # stage 3: replies ---------------------------------------------------------------------
 
@@ -452,34 +452,50 @@ _SESSION_CHANGES = (Op.UPDATE_SESSION, Op.CLOSE_SESSION, Op.EXTEND_SESSION)
 def _claims(r: _Request) -> list[ordering.Claim]:
     """What a request touches, for applying a batch in each device's order (core.ordering).
 
-    Record creates of a session share a wave; anything else on that session (get, update,
-    close, extend) comes after the creates sent before it and before those sent after it.
-    Voids and opens, whose session is not in their topic, are ordered against every update,
-    close and extend of the batch; a check against every create before it.
+    Record creates of a session share a wave; an update, close or extend of it comes after the
+    creates sent before it and before those sent after it; a get (a read) after those before
+    it. Voids and opens, whose session is not in their topic, are ordered against every update,
+    close and extend of the batch; a check after the creates of its key's session (or of its
+    idempotencyKey).
     """
-    assert r.route is not None
+    assert r.route is not None and r.who is not None
     op, alone = r.route.op, object()  # a label of its own: nothing shares its wave on that key
+    company = r.who.company_id
     if op is Op.CREATE_RECORD:
-        return [(("s", r.route.session_id), "create"), ("keys", "create")]
+        key = r.record.idempotencyKey if r.record is not None else _text(r.data, "idempotencyKey")
+        return [
+            (("s", r.route.session_id), "create"),
+            *([(("idem", company, key), "create")] if key else []),
+        ]
     if op is Op.BULK_RECORDS:
         items = r.data.get("records") if r.data is not None else None
-        sessions = {
-            sid
-            for item in (items if isinstance(items, list) else ())
-            if isinstance(item, dict) and isinstance(sid := item.get("sessionId"), str)
-        }
-        return [*((("s", sid), "create") for sid in sessions), ("keys", "create")]
+        claims: set[ordering.Claim] = set()
+        for item in items if isinstance(items, list) else ():
+            if isinstance(item, dict):
+                if sid := _text(item, "sessionId"):
+                    claims.add((("s", sid), "create"))
+                if key := _text(item, "idempotencyKey"):
+                    claims.add((("idem", company, key), "create"))
+        return list(claims)
     if op is Op.GET_SESSION:
-        return [(("s", r.route.session_id), "get")]
+        return [(("s", r.route.session_id), ordering.READ)]
     if op in _SESSION_CHANGES:
         return [(("s", r.route.session_id), alone), ("sessions", "change")]
     if op is Op.VOID_RECORD:
         return [(("r", r.route.record_id), alone), ("sessions", "void")]
     if op is Op.GET_RECORD:
-        return [(("r", r.route.record_id), "get")]
+        return [(("r", r.route.record_id), ordering.READ)]
     if op is Op.OPEN_SESSION:
-        return [("open", alone), ("sessions", "open")]
-    return [("keys", "check")]
+        where = (_text(r.data, "projectId"), _text(r.data, "sectorId"))
+        return [(("open", company, *where), alone), ("sessions", "open")]
+    key = _text(r.data, "key") or ""
+    split = split_client_key(key)
+    return [((("s", split[0]) if split else ("idem", company, key)), ordering.READ)]
+
+
+def _text(data: dict[str, Any] | None, field: str) -> str | None:
+    value = data.get(field) if data is not None else None
+    return value if isinstance(value, str) else None
 
 
 def _session_target(r: _Request) -> tuple[Principal, str]:

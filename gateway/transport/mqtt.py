@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.2
 BACKOFF_MAX_S = 10.0
+STABLE_S = 10.0  # connected this long, a drop starts the backoff over
 CONNECT_TIMEOUT_S = 10.0
 SUBACK_PATIENCE_S = 120.0
 
@@ -227,6 +228,7 @@ class MqttLink:
         self.on_disconnected: Callable[[], None] | None = None
         self.session_present = False
         self._epoch = 0
+        self._connected_at = 0.0
         self._wire: _Wire | None = None
         self._reader = PacketReader()
         self._stopping = asyncio.Event()
@@ -323,44 +325,39 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, subscribe and stay connected until ``stop()``; reconnect with backoff."""
         delay = BACKOFF_INITIAL_S
+        url = self._settings.mqtt_url
         while not self._stopping.is_set():
             epoch = self._epoch
             try:
                 await self._session()
-                delay = BACKOFF_INITIAL_S
+                failure: object = "connection ended"
             except LoginRefused as exc:
                 if self._epoch == 0:  # never got in: a setting to fix, not an outage to wait out
                     raise ConfigError(
-                        f"{exc} at {self._settings.mqtt_url}: check GATEWAY_MQTT_USERNAME, "
-                        "GATEWAY_MQTT_PASSWORD and GATEWAY_MQTT_CLIENT_ID against the broker's "
-                        "password file and ACL"
+                        f"{exc} at {url}: check GATEWAY_MQTT_USERNAME, GATEWAY_MQTT_PASSWORD "
+                        "and GATEWAY_MQTT_CLIENT_ID against the broker's password file and ACL"
                     ) from None
-                log.error(
-                    "mqtt connection to %s failed: %s; retrying", self._settings.mqtt_url, exc
-                )
+                failure = exc
             except ssl.SSLCertVerificationError as exc:
                 if self._epoch == 0:
                     raise ConfigError(
-                        f"the broker at {self._settings.mqtt_url} has a certificate this gateway "
-                        f"does not trust ({exc.verify_message}): set GATEWAY_MQTT_CA_FILE to the "
-                        "CA that signed it"
+                        f"the broker at {url} has a certificate this gateway does not trust "
+                        f"({exc.verify_message}): set GATEWAY_MQTT_CA_FILE to the CA that signed it"
                     ) from None
-                log.error("mqtt connection to %s failed: %s", self._settings.mqtt_url, exc)
+                failure = exc
             except (ConnectionFailed, ProtocolError, OSError, TimeoutError, ssl.SSLError) as exc:
-                log.warning(
-                    "mqtt connection to %s failed: %s; retrying in %.1f s",
-                    self._settings.mqtt_url,
-                    exc or type(exc).__name__,
-                    delay,
-                )
+                failure = exc or type(exc).__name__
             except Exception as exc:  # websockets' handshake errors and the like
-                log.warning("mqtt connection to %s failed: %r", self._settings.mqtt_url, exc)
+                failure = repr(exc)
             finally:
                 self._reset()
             if self._stopping.is_set():
                 break
-            if self._epoch != epoch:  # it was connected: a fresh drop, not a broker still down
+            # A connection that lasted is a fresh drop: retry soon. One dropped at once (another
+            # process with our client id takes the session back and forth) keeps backing off.
+            if self._epoch != epoch and time.monotonic() - self._connected_at >= STABLE_S:
                 delay = BACKOFF_INITIAL_S
+            log.warning("mqtt connection to %s failed: %s; retrying in %.1f s", url, failure, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, BACKOFF_MAX_S)
@@ -427,6 +424,7 @@ class MqttLink:
         self.session_present = connack.session_present
         self._send_quota = connack.properties.get_int(mqtt5.P_RECEIVE_MAXIMUM, 65_535)
         self._epoch += 1
+        self._connected_at = time.monotonic()
         log.info(
             "mqtt connected to %s as %s (session present: %s)",
             s.mqtt_url,

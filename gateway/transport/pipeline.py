@@ -23,7 +23,10 @@ import zlib
 from collections import deque
 from collections.abc import Sequence
 
-from gateway.core.topics import Topics
+import orjson
+
+from gateway.core.idempotency import split_client_key
+from gateway.core.topics import Op, Topics
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from gateway.transport.dispatch import Dispatcher, Reply
@@ -34,6 +37,18 @@ log = logging.getLogger(__name__)
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
 MAX_UNCONFIRMED_REPLIES = 30_000  # packet ids wrap at 65,535
+
+
+def _checked_session(payload: bytes) -> str | None:
+    """The session of a check's ``client:{sessionId}:...`` key: the check then goes where that
+    session's creates go, and sees those sent before it."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    key = data.get("key") if isinstance(data, dict) else None
+    split = split_client_key(key) if isinstance(key, str) else None
+    return split[0] if split else None
 
 
 class _Shard:
@@ -83,14 +98,18 @@ class Pipeline:
     def _shard_of(self, msg: Inbound) -> _Shard:
         shard = self._shard_by_topic.get(msg.topic)
         if shard is None:
-            shards = self._shards
             route = self._topics.parse(msg.topic)
-            key = route and (route.session_id or route.record_id)
-            shard = shards[zlib.crc32(key.encode()) % len(shards)] if key else shards[0]
+            if route is not None and route.op is Op.CHECK_IDEMPOTENCY:
+                return self._shard_by_key(_checked_session(msg.payload))  # not by topic
+            shard = self._shard_by_key(route.session_id or route.record_id if route else None)
             if len(self._shard_by_topic) >= 50_000:
                 self._shard_by_topic.clear()
             self._shard_by_topic[msg.topic] = shard
         return shard
+
+    def _shard_by_key(self, key: str | None) -> _Shard:
+        shards = self._shards
+        return shards[zlib.crc32(key.encode()) % len(shards)] if key else shards[0]
 
     def submit(self, msg: Inbound) -> None:
         self.last_arrival = time.monotonic()

@@ -212,14 +212,22 @@ def test_resolve_idempotency_key_with_other_content(change: dict[str, object], f
 
 
 @pytest.mark.parametrize(
-    "key", [None, "mobile-app-key-1", "Client:s:w:e", f"client:{SID}:JS0315:evt_1"]
+    "key",
+    [
+        None,
+        "mobile-app-key-1",
+        "Client:s:w:e",
+        "client:app7-000123",  # starts like one, but names no record
+        "client:",
+        f"client:{SID}:JS0315:evt_1",
+    ],
 )
 def test_an_idempotency_key_may_be_free_or_the_records_own_client_key(key: str | None) -> None:
     check_idempotency_key(key, SID, "JS0315", "evt_1")
 
 
 @pytest.mark.parametrize(
-    "key", [f"client:{SID}:JS0315:evt_2", f"client:{SID}:W7:never1", "client:", "client:x"]
+    "key", [f"client:{SID}:JS0315:evt_2", f"client:{SID}:W7:never1", "client:s:w:e"]
 )
 def test_an_idempotency_key_shaped_like_another_records_key_is_refused(key: str) -> None:
     """The check reads client:... as a client key: it would answer for a record never sent."""

@@ -313,15 +313,20 @@ async def test_a_misspelled_field_is_refused_alone_and_in_a_bulk(
 ) -> None:
     """ "unit": 5 would have stored 1 unit: refused, naming the field, alone and as a bulk item;
     the bulk's other items are stored."""
-    alone = await device.request(f"sessions/{session_id}/records", record(unit=5))
+    alone = await device.request(f"sessions/{session_id}/records", without_units(unit=5))
     assert alone["status"] == "error", alone
     assert alone["error"]["code"] == "VALIDATION_ERROR"
     assert alone["error"]["details"]["fields"][0]["field"] == "unit"
     good = record(sessionId=session_id, deviceId="hh-7")  # a device's own field is fine
     bulk = await device.request(
-        "records/bulk", {"records": [good, record(sessionId=session_id, Units=5)]}
+        "records/bulk", {"records": [good, without_units(sessionId=session_id, Units=5)]}
     )
     assert [r["status"] for r in bulk["results"]] == ["ok", "failed"], bulk
     assert bulk["results"][1]["error"]["details"]["fields"][0]["field"] == "records[1].Units"
     _, records, _, _ = await ledger(database, session_id)
     assert records == 1
+
+
+def without_units(**fields: Any) -> dict[str, Any]:
+    """A record payload that does not give units (they default to 1), plus ``fields``."""
+    return {k: v for k, v in record().items() if k != "units"} | fields

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections.abc import Awaitable
 from typing import Any
 
 import pytest
 
 from gateway.app import Gateway
 from gateway.errors import StoreUnavailable
+from gateway.transport.mqtt import MqttLink
 from tests.support.devices import Device
 from tests.support.tenants import Tenant, record
 
@@ -129,35 +131,12 @@ async def test_a_check_sent_after_a_create_sees_it(device: Device, session_id: s
         assert ok(checked) == {"key": key, "exists": True}
 
 
-async def test_a_close_then_an_open_of_the_same_sector_opens_a_new_session(
-    device: Device, tenant: Tenant
-) -> None:
-    """The next shift: close and re-open of the same sector published together give a new
-    session, not the one being closed."""
-    sector = tenant.extra_sectors[1]
-    sid = await open_session(device, tenant, sector)
-    for _ in range(ROUNDS):
-        closed, opened = await burst(
-            device,
-            [
-                (f"sessions/{sid}/close", {}),
-                ("sessions/open", tenant.open_payload(sectorId=sector)),
-            ],
-        )
-        assert ok(closed)["status"] == "closed"
-        new = ok(opened)
-        assert new["sessionId"] != sid and new["status"] == "open"
-        assert new["idempotent"] is False
-        sid = new["sessionId"]
-    ok(await device.request(f"sessions/{sid}/close", {}))
-
-
 async def test_a_change_applied_before_the_database_went_away_is_not_applied_again(
     device: Device, gateway: Gateway, session_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An extend then a get in one batch; the get (a later wave) meets the database gone and the
-    batch is retried: the extend, already committed, is answered as applied, not refused as
-    "must be greater than 13" by applying it again."""
+    """A create, an extend then a get in one batch; the get (a later wave) meets the database
+    gone and the batch is retried: the extend, already committed, is answered as applied, not
+    refused as "must be greater than 13" by applying it again, and the create as new."""
     assert gateway.service is not None and gateway.link is not None
     service, link = gateway.service, gateway.link
     calls = {"extend": 0, "get": 0}
@@ -175,16 +154,27 @@ async def test_a_change_applied_before_the_database_went_away_is_not_applied_aga
 
     monkeypatch.setattr(service, "extend_session", extend)
     monkeypatch.setattr(service, "get_session", get)
-    link.pause_reading()  # both requests wait on the socket, so that one batch takes them both
+    created, extended, got = await one_batch(
+        link,
+        device.request(f"sessions/{session_id}/records", record(units=2)),
+        device.request(f"sessions/{session_id}/extend", {"maxDurationHours": 13}),
+        device.request(f"sessions/{session_id}/get", {}),
+    )
+    assert ok(extended) == {"maxDurationHours": 13}
+    # the create, committed before the retry, is answered as new, not as a replay of itself
+    assert ok(created)["idempotent"] is False
+    assert ok(got)["maxDurationHours"] == 13
+    assert ok(got)["totals"]["records"] == 1
+    assert calls == {"extend": 1, "get": 2}
+
+
+async def one_batch(link: MqttLink, *requests: Awaitable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Publish while the gateway does not read: the requests wait on its socket, so that one
+    batch takes them all."""
+    link.pause_reading()
     try:
-        pending = asyncio.gather(
-            device.request(f"sessions/{session_id}/extend", {"maxDurationHours": 13}),
-            device.request(f"sessions/{session_id}/get", {}),
-        )
+        pending = asyncio.gather(*requests)
         await asyncio.sleep(0.5)
     finally:
         link.resume_reading()
-    extended, got = await pending
-    assert ok(extended) == {"maxDurationHours": 13}
-    assert ok(got)["maxDurationHours"] == 13
-    assert calls == {"extend": 1, "get": 2}
+    return list(await pending)

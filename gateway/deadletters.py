@@ -45,9 +45,12 @@ class DeadLetterWriter:
         self._buffer.append(
             DeadLetter(
                 received_at=m.received_at,
-                topic=_text(m.topic),
+                # an HTTP refusal's "topic" is its URL, which may carry a token (?access_token=)
+                topic=_text(redact_tokens(m.topic.encode()).decode(errors="replace")),
                 reason=refusal.code,
-                message=_text(refusal.message[:1000]),
+                message=_text(
+                    redact_tokens(refusal.message[:1000].encode()).decode(errors="replace")
+                ),
                 auth0_id=_text(refusal.auth0_id) if refusal.auth0_id else None,
                 payload=payload[: self._cap],
                 payload_size=size,

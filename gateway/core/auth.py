@@ -6,6 +6,7 @@ pinned by the key that verifies it, so ``alg: none`` and algorithm confusion can
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ class TokenVerifier:
                     self.unknown_kids.add(kid)
                 if self.on_unknown_kid is not None:
                     self.on_unknown_kid(kid)
-                raise Unauthorized(f"token signed with unknown key id {kid!r}")
+                shown = kid if len(kid) <= 64 else f"{kid[:64]}..."
+                raise Unauthorized(f"token signed with unknown key id {shown!r}")
             return jwk, jwk.algorithm_name
         if self.keys.has_jwks and not self.keys.secret:
             raise Unauthorized("token header must name its key (kid) from the JWKS")
@@ -202,7 +204,8 @@ class TokenVerifier:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite number (a NaN or infinite exp would never expire)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def mint_token(

@@ -458,3 +458,18 @@ def test_jwks_claims_are_checked(jwks: Jwks) -> None:
         token = jwt.encode(payload, jwks.ec_private, algorithm="ES256", headers={"kid": "ec-1"})
         with pytest.raises(Unauthorized):
             v.verify(bearer(token))
+
+
+@pytest.mark.parametrize("claim", ["exp", "nbf"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_time_claim_that_is_not_finite_is_refused(claim: str, value: float) -> None:
+    """exp NaN or Infinity never expired (and nbf NaN was ignored): refused."""
+    with pytest.raises(Unauthorized, match=claim):
+        verifier().verify(bearer(hs256(claims(**{claim: value}))))
+
+
+def test_an_unknown_kid_is_not_echoed_in_full() -> None:
+    """An attacker's 20 KB kid came back whole in the error."""
+    with pytest.raises(Unauthorized) as info:
+        verifier().verify(bearer(hs256(claims(), kid="k" * 20_000)))
+    assert len(info.value.message) < 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from gateway.devstack import free_port
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
+from tests.support.extra_helpers import fetch
 from tests.support.servers import Servers
 from tests.support.tenants import Tenant, make_tenant, record
 
@@ -344,3 +346,29 @@ async def test_rest_replay_of_an_mqtt_record_is_idempotent(
         assert resp.status == 409
         assert "X-Idempotent-Replay" not in resp.headers
         assert (await resp.json())["error"]["code"] == "IDEMPOTENCY_CONFLICT"
+
+
+async def test_a_token_in_the_query_string_is_not_kept_in_the_dead_letters(
+    http: tuple[aiohttp.ClientSession, str], tenant: Tenant, database: str
+) -> None:
+    """?access_token=<jwt> is no way to authenticate (401), and the refusal's row keeps the URL
+    with the token's signature redacted: whoever reads dead letters cannot replay it."""
+    session, base = http
+    token = tenant.token()
+    marker = secrets.token_hex(4)
+    url = (
+        f"{base}/api/control/production/records/check-idempotency?key={marker}&access_token={token}"
+    )
+    async with session.get(url) as resp:
+        assert resp.status == 401
+    signature = token.rsplit(".", 1)[1]
+    for _ in range(100):
+        rows = await fetch(
+            database, "SELECT topic FROM dead_letters WHERE topic LIKE $1", f"%{marker}%"
+        )
+        if rows:
+            break
+        await asyncio.sleep(0.05)
+    assert len(rows) == 1
+    assert signature not in rows[0]["topic"]
+    assert "<redacted>" in rows[0]["topic"]

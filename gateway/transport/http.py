@@ -572,9 +572,14 @@ class HttpSidecar:
         )
 
 
+MAX_HEADER_BYTES = 32_768
+
+
 async def start_http(sidecar: HttpSidecar, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (for cleanup) and the bound port (useful with port 0)."""
-    runner = web.AppRunner(sidecar.app, access_log=None)
+    # aiohttp refuses a header over 8190 bytes with a plain-text 400 of its own; a large JWT
+    # (many claims) then never reaches the JSON 401 every other bad token gets
+    runner = web.AppRunner(sidecar.app, access_log=None, max_field_size=MAX_HEADER_BYTES)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -372,3 +372,14 @@ async def test_a_token_in_the_query_string_is_not_kept_in_the_dead_letters(
     assert len(rows) == 1
     assert signature not in rows[0]["topic"]
     assert "<redacted>" in rows[0]["topic"]
+
+
+async def test_a_large_token_gets_the_json_401(http: tuple[aiohttp.ClientSession, str]) -> None:
+    """A 20 KB bearer token is answered like any bad token (JSON 401 UNAUTHORIZED), not with
+    aiohttp's plain-text 400 for a header over 8190 bytes."""
+    session, base = http
+    url = f"{base}/api/control/production/records/check-idempotency?key=k"
+    async with session.get(url, headers={"Authorization": "Bearer " + "a" * 20_000}) as resp:
+        assert resp.status == 401
+        body = await resp.json()
+    assert body["error"]["code"] == "UNAUTHORIZED"

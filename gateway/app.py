@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import time
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from gateway import __version__
 from gateway.config import Settings
@@ -124,9 +126,14 @@ async def check_schema(store: PostgresStore) -> None:
 class Gateway:
     """A running gateway. ``await run()``; ``stop()`` from a signal handler or a test."""
 
-    def __init__(self, settings: Settings, *, retiring: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, *, retiring: bool = False, any_http_port: bool = False
+    ) -> None:
         self.settings = settings
         self.retiring = retiring
+        # `gateway dev`: when another process took the HTTP port since it was found free, take
+        # any free one (the instructions print the one bound) rather than stopping
+        self.any_http_port = any_http_port
         self.topics = Topics(settings.topic_prefix)
         self.metrics = Metrics()
         self.verifier = verifier_from(settings)
@@ -255,9 +262,7 @@ class Gateway:
         try:
             # retiring runs next to a live gateway on the same host: no sidecar of its own
             runner, self.http_port = (
-                (None, None)
-                if self.retiring
-                else await start_http(sidecar, s.http_host, s.http_port)
+                (None, None) if self.retiring else await self._start_http(sidecar)
             )
         except OSError as exc:
             await store.close()
@@ -314,6 +319,16 @@ class Gateway:
                     log.error("task %s failed", task.get_name(), exc_info=task.exception())
         finally:
             await self._drain(tasks, dead_letters, runner, store)
+
+    async def _start_http(self, sidecar: HttpSidecar) -> tuple[web.AppRunner, int]:
+        s = self.settings
+        try:
+            return await start_http(sidecar, s.http_host, s.http_port)
+        except OSError as exc:
+            if not self.any_http_port or exc.errno != errno.EADDRINUSE:
+                raise
+            log.warning("http port %d was taken meanwhile: taking a free one", s.http_port)
+            return await start_http(sidecar, s.http_host, 0)
 
     async def _announce(self, link: MqttLink) -> None:
         """Re-publish `online` (retained) every GATEWAY_STATUS_INTERVAL_S while connected: one

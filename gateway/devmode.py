@@ -23,6 +23,7 @@ from gateway.devstack import (
     PostgresServer,
     free_port,
     listens_beyond_loopback,
+    port_free,
 )
 from gateway.logs import setup_logging
 
@@ -155,6 +156,20 @@ def _program() -> str:
         return str(script)
 
 
+def _start_racing(server: PostgresServer | MosquittoServer, *ports: str) -> None:
+    """Start a server on ports found free a moment ago; when another process took one meanwhile
+    (two `gateway dev` starting together), start it again on other free ports."""
+    for attempt in range(3):
+        try:
+            server.start()
+            return
+        except DevStackError:
+            if attempt == 2 or all(port_free(getattr(server, port)) for port in ports):
+                raise
+            for port in ports:
+                setattr(server, port, free_port())
+
+
 def run_dev(*, keep: bool = False) -> int:
     base = load_settings()
     setup_logging(
@@ -166,10 +181,10 @@ def run_dev(*, keep: bool = False) -> int:
     try:
         try:
             _say("starting PostgreSQL ...")
-            pg.start()
+            _start_racing(pg, "port")
             dsn = pg.create_database("hydrobit")
             _say(f"PostgreSQL on 127.0.0.1:{pg.port}; starting Mosquitto ...")
-            broker.start()
+            _start_racing(broker, "tcp_port", "ws_port")
         except DevStackError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -198,11 +213,16 @@ async def _serve(settings: Settings, broker: MosquittoServer) -> int:
     from gateway.cli import install_signal_handlers
 
     session_id = await _prepare(settings)
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, any_http_port=True)
     install_signal_handlers(gateway.stop)
     await gateway.run(
         on_started=lambda g: _say(
-            _instructions(settings, broker.tcp_port, broker.ws_port, session_id)
+            _instructions(
+                settings.model_copy(update={"http_port": g.http_port or settings.http_port}),
+                broker.tcp_port,
+                broker.ws_port,
+                session_id,
+            )
         )
     )
     return 0

@@ -56,9 +56,9 @@ def gateway_settings(servers: Servers, database: str, **overrides: Any) -> Setti
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+async def running_gateway(settings: Settings, **options: bool) -> AsyncIterator[Gateway]:
     """An in-process gateway on the test loop; stopped (gracefully) on exit."""
-    gw = Gateway(settings)
+    gw = Gateway(settings, **options)
     task = asyncio.create_task(gw.run(), name=f"gateway-{settings.mqtt_client_id}")
     started = asyncio.create_task(gw.started.wait())
     done, _ = await asyncio.wait([task, started], timeout=30, return_when=asyncio.FIRST_COMPLETED)

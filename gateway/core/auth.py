@@ -65,8 +65,15 @@ def _verifies(key: PyJWK) -> bool:
     )
 
 
+# what a request carries when it sent two different authorization values (two MQTT user
+# properties, two HTTP headers): refused, rather than one picked, which could act as another user
+AMBIGUOUS_AUTHORIZATION = "\x00two different authorization values"
+
+
 def bearer_token(value: str | None) -> str:
     """The JWT inside an ``authorization`` value (``Bearer <jwt>``)."""
+    if value == AMBIGUOUS_AUTHORIZATION:
+        raise Unauthorized("two different authorization values were sent: send exactly one")
     if not value:
         raise Unauthorized(
             "missing token: send the user property authorization = 'Bearer <jwt>' "

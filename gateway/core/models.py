@@ -301,6 +301,10 @@ def _depth_exceeds(value: object, limit: int) -> bool:
     return False
 
 
+BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors and browsers' Blobs prepend
+BOM_HINT = "starts with a byte order mark"
+
+
 def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """The payload as a JSON object, or the error that refuses it."""
     if len(raw) > max_bytes:
@@ -313,10 +317,14 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        if "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
+        if raw.startswith(BOM):  # RFC 8259 §8.1: a parser may ignore a leading byte order mark
+            problem = BOM_HINT
+        elif "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
             problem = "payload is not valid UTF-8: send JSON text encoded as UTF-8"
         else:
             problem = f"payload is not valid JSON: {exc}"
+    if problem is BOM_HINT:  # decoded outside the except: no exception chain kept alive
+        return decode_object(raw[len(BOM) :], max_bytes=max_bytes, max_depth=max_depth)
     if problem is not None:  # raised outside the except: no exception chain kept alive
         raise InvalidRequest(problem)
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door

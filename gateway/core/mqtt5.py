@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from gateway.core.auth import AMBIGUOUS_AUTHORIZATION
+
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
 SUBSCRIBE, SUBACK, PINGREQ, PINGRESP, DISCONNECT = 0x82, 0x90, 0xC0, 0xD0, 0xE0
 UNSUBSCRIBE, UNSUBACK = 0xA2, 0xB0
@@ -440,7 +442,11 @@ def _publish_properties(
                 if c > pend:
                     raise ProtocolError("truncated property")
                 if text.lower() == "authorization":
-                    authorization = buf[b + 2 : c].decode()
+                    value = buf[b + 2 : c].decode()
+                    if authorization is None:
+                        authorization = value
+                    elif value != authorization:
+                        authorization = AMBIGUOUS_AUTHORIZATION
                 pos = c
             except UnicodeDecodeError:
                 raise ProtocolError("property is not UTF-8") from None

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.core.auth import TokenVerifier
+from gateway.core.auth import AMBIGUOUS_AUTHORIZATION, TokenVerifier
 from gateway.core.models import (
     CreateRecord,
     ExtendSession,
@@ -116,9 +116,19 @@ def allow_headers(requested: str | None) -> str:
     return ", ".join([CORS_HEADERS, *extra])
 
 
+def authorization_of(request: web.Request) -> str | None:
+    """The request's Authorization header; two different ones are refused, not one picked."""
+    values = request.headers.getall("Authorization", [])
+    if len(values) > 1 and len(set(values)) > 1:
+        return AMBIGUOUS_AUTHORIZATION
+    return values[0] if values else None
+
+
 def bearer_header(value: str | None) -> str:
     """The Authorization header of a request, which must carry a token in the Bearer scheme
     (the verifier also takes a bare JWT, which 3.1.1 devices may put in a payload)."""
+    if value == AMBIGUOUS_AUTHORIZATION:
+        raise Unauthorized("two different Authorization headers were sent: send exactly one")
     if not value:
         raise Unauthorized("missing token: send the header Authorization: Bearer <jwt>")
     scheme, _, token = value.strip().partition(" ")
@@ -381,7 +391,7 @@ class HttpSidecar:
         self, request: web.Request, auth0_id: str | None = None, cost: int = 1
     ) -> Principal:
         """The caller, admitted by the rate limit (a bulk costs its records, as over MQTT)."""
-        claims = self.verifier.verify(bearer_header(request.headers.get("Authorization")))
+        claims = self.verifier.verify(bearer_header(authorization_of(request)))
         _call(request).sub = claims.sub
         who = await self.service.principal(claims, auth0_id)
         if self._limiter is not None:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import orjson
 
 from gateway.core.idempotency import split_client_key
+from gateway.core.models import BOM
 from gateway.core.topics import Op, Topics
 from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
@@ -43,7 +44,7 @@ def _checked_session(payload: bytes) -> str | None:
     """The session of a check's ``client:{sessionId}:...`` key: the check then goes where that
     session's creates go, and sees those sent before it."""
     try:
-        data = orjson.loads(payload)
+        data = orjson.loads(payload.removeprefix(BOM))
     except orjson.JSONDecodeError:
         return None
     key = data.get("key") if isinstance(data, dict) else None

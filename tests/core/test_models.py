@@ -581,6 +581,18 @@ def test_messages_name_no_internals() -> None:
     assert info.value.message == "payload is not valid UTF-8: send JSON text encoded as UTF-8"
 
 
+def test_a_leading_byte_order_mark_is_ignored() -> None:
+    """RFC 8259 §8.1: a JSON parser may ignore a UTF-8 BOM (some editors and Blobs add one);
+    it was refused as "not valid UTF-8", which sent the developer after the wrong problem."""
+    body = orjson.dumps(record())
+    assert decode_object(b"\xef\xbb\xbf" + body, max_bytes=1000, max_depth=16) == record()
+    with pytest.raises(InvalidRequest) as info:
+        decode_object(b"\xef\xbb\xbf{nope", max_bytes=1000, max_depth=16)
+    assert info.value.message.startswith("payload is not valid JSON")
+    with pytest.raises(InvalidRequest, match="must be a JSON object"):
+        decode_object(b"\xef\xbb\xbf[1]", max_bytes=1000, max_depth=16)
+
+
 @pytest.mark.parametrize(
     ("extra", "meant"),
     [

@@ -133,6 +133,16 @@ async def test_payload_that_is_not_a_json_object_is_refused(
     await assert_still_serving(device, session_id, database, tenant)
 
 
+async def test_a_record_after_a_byte_order_mark_is_stored(device: Device, session_id: str) -> None:
+    """A UTF-8 BOM before the JSON (RFC 8259 §8.1 lets a parser ignore it) is not an error."""
+    body = b"\xef\xbb\xbf" + orjson.dumps(record(event="evt_bom_1"))
+    reply = await device.request(f"sessions/{session_id}/records", body)
+    assert reply["status"] == "success", reply
+    assert reply["data"]["idempotent"] is False
+    again = await device.request(f"sessions/{session_id}/records", body)
+    assert again["data"] == {**reply["data"], "idempotent": True}
+
+
 async def test_garbage_on_every_request_topic_is_answered(
     device: Device, tenant: Tenant, session_id: str, database: str
 ) -> None:
@@ -275,6 +285,24 @@ async def test_bad_token_is_refused(
         token=token,
     )
     await assert_still_serving(device, session_id, database, tenant)
+
+
+async def test_two_different_tokens_are_refused_not_one_picked(
+    device: Device, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """Two authorization user properties with different tokens (MQTT.js lets an app send
+    ``{authorization: [a, b]}``): UNAUTHORIZED, whichever order; the same token twice is fine."""
+    suffix = f"sessions/{session_id}/records"
+    mine, colleague = tenant.token(), tenant.token(sub=tenant.other_user)
+    for first, second in ((mine, colleague), (colleague, mine)):
+        rec = record()
+        before = await stored_for(database, [tenant.company_id])
+        reply = await device.request(suffix, rec, token=first, more_tokens=(second,))
+        error = assert_error(reply, "UNAUTHORIZED")
+        assert "two different authorization" in error["message"]
+        assert await stored_for(database, [tenant.company_id]) == before
+    reply = await device.request(suffix, record(), token=mine, more_tokens=(mine,))
+    assert reply["status"] == "success", reply
 
 
 async def test_auth0id_differing_from_token_is_forbidden(

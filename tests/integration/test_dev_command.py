@@ -16,8 +16,12 @@ from pathlib import Path
 
 import aiohttp
 import jwt
+import pytest
 
-from gateway.devstack import listens_beyond_loopback
+from gateway.devmode import _start_racing
+from gateway.devstack import MosquittoServer, free_port, listens_beyond_loopback
+from gateway.errors import ConfigError
+from tests.conftest import gateway_settings, running_gateway
 from tests.support.extra_helpers import (
     PROJECT_ROOT,
     RawClient,
@@ -26,6 +30,7 @@ from tests.support.extra_helpers import (
     next_message,
     run_process,
 )
+from tests.support.servers import Servers
 
 START_TIMEOUT_S = 90
 STOP_TIMEOUT_S = 60
@@ -336,3 +341,33 @@ def test_listens_beyond_loopback_tells_loopback_from_every_interface() -> None:
             assert not listens_beyond_loopback(port)  # bound, not yet listening
             s.listen()
             assert listens_beyond_loopback(port) is beyond, host
+
+
+async def test_a_port_taken_after_it_was_found_free_is_replaced(
+    servers: Servers, database: str, tmp_path: Path
+) -> None:
+    """Two `gateway dev` starting together: a port found free and then taken by the other
+    process gets a free one instead of stopping the stack (broker, PostgreSQL, HTTP sidecar)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = int(taken.getsockname()[1])
+        broker = MosquittoServer(tmp_path, tcp_port=port, ws_port=free_port())
+        try:
+            _start_racing(broker, "tcp_port", "ws_port")
+            assert broker.running
+            assert broker.tcp_port != port
+            assert accepts(broker.tcp_port)
+        finally:
+            broker.stop()
+        settings = gateway_settings(servers, database, http_port=port)
+        async with running_gateway(settings, any_http_port=True) as gw:
+            assert gw.http_port not in (None, port)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{gw.http_port}/healthz") as response,
+            ):
+                assert response.status == 200
+        with pytest.raises(ConfigError, match="GATEWAY_HTTP_PORT"):
+            async with running_gateway(settings):
+                pass

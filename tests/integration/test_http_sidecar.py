@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.app import Gateway
@@ -383,3 +384,23 @@ async def test_a_large_token_gets_the_json_401(http: tuple[aiohttp.ClientSession
         assert resp.status == 401
         body = await resp.json()
     assert body["error"]["code"] == "UNAUTHORIZED"
+
+
+async def test_two_different_authorization_headers_are_refused(
+    http: tuple[aiohttp.ClientSession, str], tenant: Tenant, session_id: str
+) -> None:
+    """Two Authorization headers naming different users: 401, not the first one picked (a proxy
+    adding its own header could otherwise make a request act as someone else)."""
+    session, base = http
+    key = f"client:{session_id}:JS0315:evt_x"
+    mine, colleague = tenant.token(), tenant.token(sub=tenant.other_user)
+    for first, second in ((mine, colleague), (colleague, mine)):
+        headers = CIMultiDict([("Authorization", f"Bearer {first}")])
+        headers.add("Authorization", f"Bearer {second}")
+        async with session.get(check_url(base, key), headers=headers) as resp:
+            assert resp.status == 401
+            body = await resp.json()
+        assert "two different Authorization headers" in body["error"]["message"]
+    same = CIMultiDict([("Authorization", f"Bearer {mine}"), ("Authorization", f"Bearer {mine}")])
+    async with session.get(check_url(base, key), headers=same) as resp:
+        assert resp.status == 404  # the token is fine; the key is not stored

@@ -94,7 +94,11 @@ async def connect_store(settings: Settings, stopping: asyncio.Event) -> Postgres
     while not stopping.is_set():
         try:
             store = await PostgresStore.connect(
-                settings.database_url, max_size=settings.database_pool_size
+                settings.database_url,
+                max_size=settings.database_pool_size,
+                # REST calls and the background publishers: a hung database is a 503 after
+                # this long, not a minute's wait (batches of MQTT requests wait and retry)
+                command_timeout_s=POOL_STATEMENT_TIMEOUT_S,
             )
         except StoreUnavailable as exc:
             log.warning(
@@ -123,6 +127,16 @@ async def check_schema(store: PostgresStore) -> None:
         )
 
 
+READY_PING_S = 2.0  # /readyz waits this long for the database's answer
+POOL_STATEMENT_TIMEOUT_S = 10.0
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    """Read a background task's outcome, so an error is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Gateway:
     """A running gateway. ``await run()``; ``stop()`` from a signal handler or a test."""
 
@@ -141,6 +155,7 @@ class Gateway:
         self._stopping = asyncio.Event()
         self.started = asyncio.Event()
         self.http_port: int | None = None
+        self._ping: asyncio.Task[None] | None = None
         self.store: PostgresStore | None = None
         self.service: Service | None = None
         self.link: MqttLink | None = None
@@ -197,11 +212,15 @@ class Gateway:
         """For /readyz: the database answers a query now, and the broker link is up."""
         database = False
         if self.store is not None:
-            try:
-                await asyncio.wait_for(self.store.ping(), 2)
-                database = True
-            except Exception:
-                database = False
+            # A hung PostgreSQL (stopped, not refusing) holds a cancelled query for half a
+            # minute (asyncpg's cancel request waits for it too): the ping is waited for 2 s and
+            # then left to finish alone; while one is still out, the answer is "not ready".
+            ping = self._ping
+            if ping is None or ping.done():
+                ping = self._ping = asyncio.create_task(self.store.ping(), name="readyz-ping")
+                ping.add_done_callback(_consume)
+            done, _ = await asyncio.wait({ping}, timeout=READY_PING_S)
+            database = ping in done and not ping.cancelled() and ping.exception() is None
         return {"database": database, "broker": self.link is not None and self.link.connected}
 
     async def run(self, on_started: Callable[[Gateway], Any] | None = None) -> None:
@@ -368,6 +387,8 @@ class Gateway:
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+        if self._ping is not None:
+            self._ping.cancel()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(store.close(), 5)
         log.info("stopped")

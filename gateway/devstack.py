@@ -272,6 +272,11 @@ class PostgresServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid, also its process group's (its backends are in it)."""
+        return self._proc.pid if self._proc is not None else None
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self._proc is not None and self._proc.poll() is None:
             os.killpg(self._proc.pid, sig)

@@ -513,7 +513,8 @@ class Service:
         c = r.cmd
         if c.sessionId is not None and c.sessionId != r.session_id:
             raise InvalidRequest(
-                f"sessionId {c.sessionId} does not match the topic's session {r.session_id}",
+                f"sessionId {c.sessionId} does not match {r.session_id}, the session the topic "
+                "(or URL) names",
                 {"fields": [{"field": "sessionId", "message": "must match the topic"}]},
             )
         rules.check_units(c.units, self.limits)

@@ -305,6 +305,19 @@ BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark, which some editors and browsers'
 BOM_HINT = "starts with a byte order mark"
 
 
+def json_type(value: object) -> str:
+    """The JSON name of a decoded value's type (not Python's: "null", not "NoneType")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
 def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, Any]:
     """The payload as a JSON object, or the error that refuses it."""
     if len(raw) > max_bytes:
@@ -330,9 +343,7 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door
         raise InvalidRequest("payload contains NUL characters (\\u0000); text fields cannot")
     if not isinstance(data, dict):
-        raise InvalidRequest(
-            f"payload must be a JSON object, got {type(data).__name__}; see SPEC §4"
-        )
+        raise InvalidRequest(f"payload must be a JSON object, got {json_type(data)}; see SPEC §4")
     # Counting brackets is C-speed; only a payload that could be too deep gets walked.
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(data, max_depth):
         raise TooDeep(f"payload nests deeper than {max_depth} levels", data)
@@ -418,6 +429,6 @@ def same_id(given: str | None, topic_id: str, name: str) -> None:
     """An id repeated in the payload must be the one the topic (or path) names."""
     if given is not None and given != topic_id:
         raise InvalidRequest(
-            f"{name} {given} does not match the topic's {topic_id}",
-            {"fields": [{"field": name, "message": "must match the topic"}]},
+            f"{name} {given} does not match {topic_id}, the one the topic (or URL) names",
+            {"fields": [{"field": name, "message": "must match the topic or URL"}]},
         )

@@ -50,7 +50,7 @@ class Route:
     record_id: str | None = None
 
 
-def _valid_id(value: str) -> bool:
+def valid_id(value: str) -> bool:
     return 0 < len(value) <= MAX_ID_LENGTH and "\x00" not in value
 
 
@@ -89,7 +89,7 @@ class Topics:
         if kind == "sessions":
             if len(rest) == 2 and rest[1] == "open":
                 return Route(Op.OPEN_SESSION)
-            if len(rest) == 3 and rest[2] in _SESSION_ACTIONS and _valid_id(rest[1]):
+            if len(rest) == 3 and rest[2] in _SESSION_ACTIONS and valid_id(rest[1]):
                 return Route(_SESSION_ACTIONS[rest[2]], session_id=rest[1])
         elif kind == "records":
             if len(rest) == 2:
@@ -97,7 +97,7 @@ class Topics:
                     return Route(Op.BULK_RECORDS)
                 if rest[1] == "check-idempotency":
                     return Route(Op.CHECK_IDEMPOTENCY)
-            elif len(rest) == 3 and rest[2] in _RECORD_ACTIONS and _valid_id(rest[1]):
+            elif len(rest) == 3 and rest[2] in _RECORD_ACTIONS and valid_id(rest[1]):
                 return Route(_RECORD_ACTIONS[rest[2]], record_id=rest[1])
         return None
 

@@ -281,14 +281,18 @@ class PostgresStore:
             self._hot_free.put_nowait(slot)
 
     @classmethod
-    async def connect(cls, dsn: str, *, max_size: int = 8) -> PostgresStore:
+    async def connect(
+        cls, dsn: str, *, max_size: int = 8, command_timeout_s: float = 60
+    ) -> PostgresStore:
+        """``command_timeout_s`` bounds each statement on the pool's connections (the hot
+        path's own connections keep 60 s): a REST call to a hung database answers 503 then."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
                 min_size=1,
                 max_size=max_size,
                 init=_init_connection,
-                command_timeout=60,
+                command_timeout=command_timeout_s,
                 max_inactive_connection_lifetime=300,
             )
         except Exception as exc:

@@ -9,6 +9,7 @@ Errors map to HTTP statuses through the error tree (``StoreUnavailable`` is the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -24,6 +25,7 @@ from aiohttp import web
 
 from gateway.core.auth import AMBIGUOUS_AUTHORIZATION, TokenVerifier
 from gateway.core.models import (
+    CheckIdempotency,
     CreateRecord,
     ExtendSession,
     OpenSession,
@@ -37,6 +39,7 @@ from gateway.core.models import (
 )
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Principal
+from gateway.core.topics import MAX_ID_LENGTH, valid_id
 from gateway.errors import (
     Forbidden,
     Internal,
@@ -91,8 +94,8 @@ def cors_headers(origin: str | None, allowed: frozenset[str] | None) -> dict[str
     Tokens travel in the Authorization header, never in cookies, so no credentials are
     allowed and ``*`` exposes nothing a script could not already send with its own token.
     """
-    if not origin:
-        return {}
+    if not origin:  # a list varies by Origin: a cache must not hand this answer to a page
+        return {} if allowed is None or not allowed else {"Vary": "Origin"}
     if allowed is None:
         return {"Access-Control-Allow-Origin": "*", "Access-Control-Expose-Headers": CORS_EXPOSE}
     if origin.rstrip("/") not in allowed:
@@ -197,6 +200,7 @@ class _Call:
     request_id: str | int | float | None = None
     client_event_id: str | None = None
     retry_after_s: int | None = None  # when refused RATE_LIMITED
+    read_at: float | None = None  # monotonic time the body was read
 
     def echo(self) -> dict[str, Any]:
         """What every answer repeats of the request, as MQTT replies do (SPEC §2)."""
@@ -348,7 +352,7 @@ class HttpSidecar:
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         _call(request)  # from now on: its arrival time
         try:
-            return await handler(request)
+            return await self._in_time(request, handler)
         except web.HTTPException as exc:
             if exc.status < 400:  # a redirect is no refusal
                 raise
@@ -359,6 +363,28 @@ class HttpSidecar:
         except Exception as exc:
             log.exception("HTTP %s %s failed", request.method, request.path)
             return await self._refuse(request, exc)
+
+    async def _in_time(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The handler's answer, or 503 UNAVAILABLE when the database has not given it within
+        ``ANSWER_DEADLINE_S`` of the body's arrival. A hung PostgreSQL (stopped, not refusing)
+        held a call a minute or more: the work is left to finish or fail alone (a retry of a
+        write is answered as a replay), while a slow upload is never cut short."""
+        call = _call(request)
+        task = asyncio.ensure_future(handler(request))
+        started = time.monotonic()
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=ANSWER_DEADLINE_S)
+            if done:
+                return task.result()
+            if call.read_at is None and request.body_exists:
+                continue  # the body is still arriving: that is the client's time
+            waited = time.monotonic() - (call.read_at or started)
+            if waited >= ANSWER_DEADLINE_S:
+                task.add_done_callback(_consume)
+                raise StoreUnavailable(
+                    f"PostgreSQL did not answer within {ANSWER_DEADLINE_S:.0f} s; "
+                    "retry later (a retry with the same ids is safe)"
+                )
 
     async def _refuse(
         self,
@@ -440,6 +466,7 @@ class HttpSidecar:
                     raw += chunk
             finally:  # what arrived before the client went away is kept too
                 call.raw = bytes(raw)
+                call.read_at = time.monotonic()
         return call.raw
 
     async def body(
@@ -478,12 +505,12 @@ class HttpSidecar:
 
     async def get_session(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
-        data = await self.service.get_session(who, request.match_info["session_id"], _now())
+        data = await self.service.get_session(who, path_id(request, "session_id"), _now())
         return self.answer(request, {"status": "success", "data": data})
 
     async def update_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
-        session_id = request.match_info["session_id"]
+        session_id = path_id(request, "session_id")
         cmd = validate(UpdateSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
         out = await self.service.update_session(who, session_id, cmd, _now())
@@ -491,14 +518,14 @@ class HttpSidecar:
 
     async def close_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
-        session_id = request.match_info["session_id"]
+        session_id = path_id(request, "session_id")
         same_id(validate(SessionCommand, data).sessionId, session_id, "sessionId")
         out = await self.service.close_session(who, session_id, _now())
         return self.answer(request, {"status": "success", "data": out})
 
     async def extend_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
-        session_id = request.match_info["session_id"]
+        session_id = path_id(request, "session_id")
         cmd = validate(ExtendSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
         out = await self.service.extend_session(who, session_id, cmd, _now())
@@ -541,13 +568,13 @@ class HttpSidecar:
 
     async def get_record(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
-        data = await self.service.get_record(who, request.match_info["record_id"])
+        data = await self.service.get_record(who, path_id(request, "record_id"))
         return self.answer(request, {"status": "success", "data": data})
 
     async def void_record(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         out = await self.service.void_record(
-            who, request.match_info["record_id"], validate(VoidRecord, data), _now()
+            who, path_id(request, "record_id"), validate(VoidRecord, data), _now()
         )
         headers = {"X-Idempotent-Replay": "true"} if out["idempotent"] else {}
         return self.answer(request, {"status": "success", "data": out}, 200, **headers)
@@ -574,6 +601,9 @@ class HttpSidecar:
             raise InvalidRequest(
                 "query parameter key is required, e.g. ?key=client:SESSION:WORKER:EVENT"
             )
+        if "\x00" in key:  # PostgreSQL text cannot hold NUL: no key has one
+            raise InvalidRequest("query parameter key must not contain NUL (%00)")
+        key = validate(CheckIdempotency, {"key": key}).key  # the limits of the MQTT check
         exists = await self.service.check_key(who, key)
         return self.answer(
             request,
@@ -583,13 +613,38 @@ class HttpSidecar:
 
 
 MAX_HEADER_BYTES = 32_768
+ANSWER_DEADLINE_S = 10.0  # the database's time to answer a REST call, once its body is in
+
+
+def _consume(task: asyncio.Future[web.StreamResponse]) -> None:
+    """Read an abandoned handler's outcome, so an error is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+def path_id(request: web.Request, name: str) -> str:
+    """A session or record id from the path, held to the limits of an id in a topic (1-128
+    characters, no NUL), so that no id reaches PostgreSQL that it cannot store."""
+    value = request.match_info[name]
+    if not valid_id(value):
+        field = "sessionId" if name == "session_id" else "recordId"
+        raise InvalidRequest(
+            f"{field} in the path must be 1-{MAX_ID_LENGTH} characters without NUL (%00)",
+            {"fields": [{"field": field, "message": "not a valid id"}]},
+        )
+    return value
 
 
 async def start_http(sidecar: HttpSidecar, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (for cleanup) and the bound port (useful with port 0)."""
     # aiohttp refuses a header over 8190 bytes with a plain-text 400 of its own; a large JWT
     # (many claims) then never reaches the JSON 401 every other bad token gets
-    runner = web.AppRunner(sidecar.app, access_log=None, max_field_size=MAX_HEADER_BYTES)
+    runner = web.AppRunner(
+        sidecar.app,
+        access_log=None,
+        max_field_size=MAX_HEADER_BYTES,
+        max_line_size=MAX_HEADER_BYTES,  # a long id or key in the URL: a JSON 400 too
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

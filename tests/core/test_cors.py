@@ -37,6 +37,8 @@ def test_empty_allows_no_browser(value: str) -> None:
 
 
 def test_no_origin_no_headers() -> None:
-    """Devices, curl and servers send no Origin: responses stay as they were."""
+    """Devices, curl and servers send no Origin: no CORS headers; with a list of origins the
+    answer says it varies by Origin, so a shared cache does not serve it to a listed page."""
     assert cors_headers(None, None) == {}
-    assert cors_headers("", frozenset({"https://a.example"})) == {}
+    assert cors_headers(None, frozenset()) == {}
+    assert cors_headers("", frozenset({"https://a.example"})) == {"Vary": "Origin"}

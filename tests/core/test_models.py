@@ -589,8 +589,19 @@ def test_a_leading_byte_order_mark_is_ignored() -> None:
     with pytest.raises(InvalidRequest) as info:
         decode_object(b"\xef\xbb\xbf{nope", max_bytes=1000, max_depth=16)
     assert info.value.message.startswith("payload is not valid JSON")
-    with pytest.raises(InvalidRequest, match="must be a JSON object"):
+    with pytest.raises(InvalidRequest, match="must be a JSON object, got an array"):
         decode_object(b"\xef\xbb\xbf[1]", max_bytes=1000, max_depth=16)
+
+
+@pytest.mark.parametrize(
+    ("raw", "named"),
+    [(b"null", "null"), (b"[]", "an array"), (b"1.5", "a number"), (b'"x"', "a string")],
+)
+def test_a_payload_that_is_no_object_is_named_in_json_terms(raw: bytes, named: str) -> None:
+    """ "got NoneType" / "got list" named Python's types to a device developer."""
+    with pytest.raises(InvalidRequest) as info:
+        decode_object(raw, max_bytes=1000, max_depth=16)
+    assert info.value.message == f"payload must be a JSON object, got {named}; see SPEC §4"
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,33 @@ async def test_rest_errors_map_to_statuses(
     assert payload["error"]["code"] == code
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/sessions/%00", None),
+        ("PATCH", "/sessions/a%00b", {"notes": "x"}),
+        ("POST", "/sessions/%00/close", {}),
+        ("GET", "/records/%00", None),
+        ("POST", "/records/%00/void", {"reason": "x"}),
+        ("GET", "/records/check-idempotency?key=%00abc", None),
+        ("HEAD", "/records/check-idempotency?key=%00abc", None),
+        ("GET", "/records/check-idempotency?key=" + "k" * 1025, None),
+        ("GET", "/sessions/" + "s" * 129, None),
+        ("GET", "/sessions/" + "s" * 20_000, None),  # past aiohttp's 8190-byte request line
+        ("GET", "/records/check-idempotency?key=" + "k" * 20_000, None),
+    ],
+)
+async def test_an_id_no_record_can_have_is_a_400_not_a_500(
+    rest: Rest, method: str, path: str, body: Any
+) -> None:
+    """A NUL (%00) in a path id or key reached PostgreSQL (which cannot store one) and came back
+    as 500 INTERNAL, "retry later"; a key over 1024 characters was a 404 (400 over MQTT)."""
+    got, payload, _ = await rest.call(method, path, body)
+    assert got == 400, payload
+    if method != "HEAD":
+        assert payload["error"]["code"] == "VALIDATION_ERROR"
+
+
 async def test_rest_needs_a_valid_token(gateway: Gateway, tenant: Tenant) -> None:
     """No token, a forged token: 401; the payload's auth0Id must match the token: 403."""
     async with aiohttp.ClientSession() as http:

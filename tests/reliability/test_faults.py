@@ -73,6 +73,17 @@ async def metric(proc: GatewayProcess, name: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes (Linux)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 async def readyz(proc: GatewayProcess) -> int:
     try:
         async with (
@@ -149,6 +160,45 @@ async def test_database_outage_holds_requests_then_lands_them_once(stack: Privat
     assert answered_during == 400  # nothing answered (so nothing acknowledged) while down
     assert 1 <= retries <= 30  # backoff, not a spin
     await assert_exactly_once(stack, stream)
+    assert await readyz(gateway) == 200
+
+
+async def test_a_hung_database_is_not_ready_at_once(stack: PrivateStack) -> None:
+    """PostgreSQL stopped dead (SIGSTOP: connections stay open, nothing answers): /readyz said
+    503 only after ~32 s (a cancelled ping waits for asyncpg's cancel request, which hangs too),
+    longer than any probe waits. It answers 503 while the ping is out, 200 once it answers."""
+    gateway = stack.gateway("hung").start()
+    await gateway.wait_ready()
+    tenant = await stack.tenant()
+    sid = await open_session(stack, tenant)
+    api = f"http://127.0.0.1:{gateway.http_port}/api/control/production"
+    auth = {"Authorization": f"Bearer {tenant.token()}"}
+    rest_timeout = aiohttp.ClientTimeout(total=40)
+    assert stack.pg.pid is not None
+    timeout = aiohttp.ClientTimeout(total=15)  # a generous probe; the ping gives up after 2 s
+    url = f"http://127.0.0.1:{gateway.http_port}/readyz"
+    # the postmaster and its backends (each one leads a process group of its own)
+    hung = [stack.pg.pid, *children(stack.pg.pid)]
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            for _ in range(3):  # the first ping is still out: the next probes say so too
+                async with http.get(url) as resp:
+                    assert resp.status == 503
+                    assert (await resp.json())["checks"]["database"] is False
+            # the REST mirror gives up on the database after 10 s (it waited a minute)
+            for path in (f"sessions/{sid}", "records/check-idempotency?key=k"):
+                async with http.get(f"{api}/{path}", headers=auth, timeout=rest_timeout) as resp:
+                    assert resp.status == 503, path
+                    assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+    for _ in range(100):
+        if await readyz(gateway) == 200:
+            break
+        await asyncio.sleep(0.2)
     assert await readyz(gateway) == 200
 
 

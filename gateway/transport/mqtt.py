@@ -423,8 +423,7 @@ class MqttLink:
             raise ConnectionFailed(f"broker refused the connection (reason 0x{connack.reason:02x})")
         self.session_present = connack.session_present
         self._send_quota = connack.properties.get_int(mqtt5.P_RECEIVE_MAXIMUM, 65_535)
-        self._epoch += 1
-        self._connected_at = time.monotonic()
+        self._connected_at = time.monotonic()  # (the epoch moved on when the CONNACK was read)
         log.info(
             "mqtt connected to %s as %s (session present: %s)",
             s.mqtt_url,
@@ -585,6 +584,12 @@ class MqttLink:
                     self._suback.set_result(pkt)
             elif isinstance(pkt, Connack):
                 if self._connack is not None and not self._connack.done():
+                    if pkt.reason < 0x80:
+                        # A new connection from here on, before the next packet of this read:
+                        # mosquitto sends a resumed session's unacknowledged requests in the
+                        # same write as the CONNACK. Stamped with the old epoch, their PUBACKs
+                        # were dropped, and every reconnect applied them again.
+                        self._epoch += 1
                     self._connack.set_result(pkt)
             elif isinstance(pkt, Disconnect):
                 log.warning(

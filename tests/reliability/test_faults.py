@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiomqtt
 import asyncpg
 import orjson
 
@@ -71,6 +72,12 @@ async def metric(proc: GatewayProcess, name: str) -> float:
         text = await resp.text()
     match = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+def correlation(msg: aiomqtt.Message) -> bytes:
+    data = getattr(msg.properties, "CorrelationData", None)
+    assert isinstance(data, bytes)
+    return data
 
 
 def children(pid: int) -> list[int]:
@@ -200,6 +207,43 @@ async def test_a_hung_database_is_not_ready_at_once(stack: PrivateStack) -> None
             break
         await asyncio.sleep(0.2)
     assert await readyz(gateway) == 200
+
+
+async def test_requests_queued_while_down_are_acknowledged_on_return(
+    stack: PrivateStack,
+) -> None:
+    """Requests queued for a stopped gateway arrive with its CONNACK, in the same read. They
+    were stamped with the old connection, so their PUBACKs were dropped: applied and answered,
+    they came back at every later reconnect (an update re-applied, minutes later, over newer
+    ones). Each must be answered once, however often the gateway restarts."""
+    gateway = stack.gateway("resume").start()
+    await gateway.wait_ready()
+    tenant = await stack.tenant()
+    sid = await open_session(stack, tenant)
+    assert await gateway.terminate() == 0  # its persistent session stays with the broker
+    async with (
+        Device("127.0.0.1", stack.broker.ws_port, stack.prefix, token=tenant.token()) as device,
+        # a reply topic outside the device's own subscription: each reply is delivered once
+        device.watch(topic := f"{stack.prefix}/replies/{device.client_id}") as replies,
+    ):
+        path = f"sessions/{sid}/records"
+        sent = [await device.send(path, record(), response_topic=topic) for _ in range(30)]
+        answered: list[bytes] = []
+        for _ in range(3):
+            gateway = stack.gateway("resume").start()
+            await gateway.wait_ready()
+            # a request sent now is answered behind any redelivered one
+            marker = await device.send(path, record(), response_topic=topic)
+            sent.append(marker)
+            while marker not in answered:
+                answered.append(correlation(await asyncio.wait_for(replies.get(), 30)))
+            await asyncio.sleep(0.5)  # and what might trail it
+            while not replies.empty():
+                answered.append(correlation(replies.get_nowait()))
+            assert await gateway.terminate() == 0
+    assert sorted(answered) == sorted(sent), "a request was answered again after a restart"
+    got = await ledger(stack.dsn, sid)
+    assert got["stored"] == len(sent) == got["total_records"]
 
 
 async def test_broker_killed_and_restarted(stack: PrivateStack) -> None:

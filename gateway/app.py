@@ -186,11 +186,14 @@ class Gateway:
             return False
         await self.link.wait_unsubscribed()
         log.info("retiring %s: unsubscribed; answering what was queued for it", self.link.client_id)
-        pipeline = self.pipeline
+        pipeline, link = self.pipeline, self.link
         while not self._stopping.is_set():
             await asyncio.sleep(0.1)
             idle = time.monotonic() - pipeline.last_arrival
-            if pipeline.backlog == 0 and pipeline.unacked == 0 and idle >= quiet_s:
+            quiet = pipeline.backlog == 0 and pipeline.unacked == 0 and idle >= quiet_s
+            # the session is ended by a DISCONNECT on a connection that has held a while (one
+            # that keeps dropping may be fighting a live replica for the client id)
+            if quiet and link.connected_for >= quiet_s:
                 break
         log.info(
             "retiring %s: nothing more queued; ending its session", self.settings.mqtt_client_id

@@ -71,7 +71,8 @@ def cmd_run(_args: argparse.Namespace) -> int:
     return 0
 
 
-async def _retire(settings: Settings, quiet_s: float) -> bool:
+async def _retire(settings: Settings, quiet_s: float) -> str | None:
+    """Retire the replica ``settings`` name; None when done, else why not."""
     from gateway.app import Gateway
 
     gateway = Gateway(settings, retiring=True)
@@ -84,19 +85,29 @@ async def _retire(settings: Settings, quiet_s: float) -> bool:
             retiring.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await retiring
-    return retiring.done() and not retiring.cancelled() and retiring.result()
+    client_id = settings.mqtt_client_id
+    link = gateway.link
+    if not retiring.done() or retiring.cancelled() or not retiring.result():
+        return (
+            f"nothing retired: the broker had no session for {client_id} (check "
+            "GATEWAY_MQTT_CLIENT_ID: it must be the removed replica's)"
+        )
+    if link is None or not link.session_ended:
+        return (
+            f"not retired: the connection to the broker dropped before the session of "
+            f"{client_id} could be ended; check that no running replica uses this client id, "
+            "then run gateway retire again"
+        )
+    return None
 
 
 def cmd_retire(args: argparse.Namespace) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     settings.require_jwt_keys()
-    if not asyncio.run(_retire(settings, args.quiet)):
-        print(
-            f"nothing retired: the broker had no session for {settings.mqtt_client_id} (check "
-            "GATEWAY_MQTT_CLIENT_ID: it must be the removed replica's)",
-            file=sys.stderr,
-        )
+    problem = asyncio.run(_retire(settings, args.quiet))
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 1
     print(f"retired {settings.mqtt_client_id}: its queued requests answered, its session ended")
     return 0

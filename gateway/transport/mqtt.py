@@ -240,6 +240,7 @@ class MqttLink:
         # retiring: unsubscribe instead of subscribing, and end the broker session with the
         # connection (Session Expiry 0 on DISCONNECT)
         self.end_session_on_stop = False
+        self.session_ended = False  # the DISCONNECT that ends the session went out
         # outgoing: packets in wire order; a QoS 1 publish waits for send quota, and
         # everything queued behind it waits too (so a PUBACK never overtakes its reply)
         self._out: deque[tuple[bytes, int]] = deque()
@@ -262,6 +263,11 @@ class MqttLink:
     @property
     def client_id(self) -> str:
         return self._settings.mqtt_client_id
+
+    @property
+    def connected_for(self) -> float:
+        """Seconds the current connection has lasted (0 when not connected)."""
+        return time.monotonic() - self._connected_at if self.connected else 0.0
 
     @property
     def connected(self) -> bool:
@@ -519,6 +525,7 @@ class MqttLink:
                 await asyncio.wait(waits, timeout=2.0)
         if self.end_session_on_stop:
             self._write(mqtt5.encode_disconnect(session_expiry=0))
+            self.session_ended = self._wire is not None
             log.info("mqtt session %s ended", self._settings.mqtt_client_id)
         else:
             self._write(mqtt5.encode_disconnect())

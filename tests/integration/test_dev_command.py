@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 import shlex
 import signal
 import socket
@@ -360,7 +361,10 @@ async def test_a_port_taken_after_it_was_found_free_is_replaced(
             assert accepts(broker.tcp_port)
         finally:
             broker.stop()
-        settings = gateway_settings(servers, database, http_port=port)
+        # a prefix of its own: a stopped gateway's persistent session would otherwise keep a
+        # share of the shared gateway's requests
+        prefix = f"hb-devport-{secrets.token_hex(3)}/v2"
+        settings = gateway_settings(servers, database, http_port=port, topic_prefix=prefix)
         async with running_gateway(settings, any_http_port=True) as gw:
             assert gw.http_port not in (None, port)
             async with (

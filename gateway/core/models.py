@@ -330,7 +330,10 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        if raw.startswith(BOM):  # RFC 8259 §8.1: a parser may ignore a leading byte order mark
+        # RFC 8259 §8.1: a parser may ignore a (one) leading byte order mark
+        if raw.startswith(BOM * 2):
+            problem = "payload starts with two byte order marks: send JSON text, one at most"
+        elif raw.startswith(BOM):
             problem = BOM_HINT
         elif "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
             problem = "payload is not valid UTF-8: send JSON text encoded as UTF-8"

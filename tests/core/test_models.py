@@ -591,6 +591,8 @@ def test_a_leading_byte_order_mark_is_ignored() -> None:
     assert info.value.message.startswith("payload is not valid JSON")
     with pytest.raises(InvalidRequest, match="must be a JSON object, got an array"):
         decode_object(b"\xef\xbb\xbf[1]", max_bytes=1000, max_depth=16)
+    with pytest.raises(InvalidRequest, match="two byte order marks"):  # one is a mark, not two
+        decode_object(b"\xef\xbb\xbf" * 2 + body, max_bytes=1000, max_depth=16)
 
 
 @pytest.mark.parametrize(

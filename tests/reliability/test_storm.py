@@ -265,7 +265,7 @@ class Storm:
                 good[:-1] + b",}",  # trailing comma
                 good[:-1] + b',"x":NaN}',
                 good[:-1] + b',"x":Infinity}',
-                b"\xef\xbb\xbf" + good,  # BOM
+                b"\xef\xbb\xbf" * 2 + good,  # one BOM is ignored (RFC 8259 §8.1), not two
                 good.replace(b'"', b"'"),
                 b"/* c */" + good,
                 good + b"{}",

@@ -29,6 +29,7 @@ from gateway.core.topics import Topics
 from gateway.deadletters import DeadLetterWriter
 from gateway.errors import ConfigError, StoreUnavailable
 from gateway.jwks import JwksLocation, load_keys
+from gateway.logs import retrieved
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher, Sweeper
 from gateway.service import Service
@@ -131,12 +132,6 @@ READY_PING_S = 2.0  # /readyz waits this long for the database's answer
 POOL_STATEMENT_TIMEOUT_S = 10.0
 
 
-def _consume(task: asyncio.Task[None]) -> None:
-    """Read a background task's outcome, so an error is not logged as never retrieved."""
-    if not task.cancelled():
-        task.exception()
-
-
 class Gateway:
     """A running gateway. ``await run()``; ``stop()`` from a signal handler or a test."""
 
@@ -221,7 +216,7 @@ class Gateway:
             ping = self._ping
             if ping is None or ping.done():
                 ping = self._ping = asyncio.create_task(self.store.ping(), name="readyz-ping")
-                ping.add_done_callback(_consume)
+                ping.add_done_callback(retrieved)
             done, _ = await asyncio.wait({ping}, timeout=READY_PING_S)
             database = ping in done and not ping.cancelled() and ping.exception() is None
         return {"database": database, "broker": self.link is not None and self.link.connected}
@@ -362,7 +357,7 @@ class Gateway:
                 continue
             with contextlib.suppress(PublishError):
                 sent = link.publish(self.topics.gateway_status, self._status("online"), retain=True)
-                sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+                sent.add_done_callback(retrieved)
 
     async def _drain(
         self,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -53,3 +55,10 @@ def _without_traceback(record: logging.LogRecord) -> bool:
         record.exc_info = None
         record.exc_text = None
     return True
+
+
+def retrieved(fut: asyncio.Future[Any]) -> None:
+    """A done callback for work nobody awaits: reads its outcome, so that a failure is not
+    logged by asyncio as "exception was never retrieved"."""
+    if not fut.cancelled():
+        fut.exception()

@@ -54,6 +54,7 @@ from gateway.errors import (
     as_request_error,
     error_body,
 )
+from gateway.logs import retrieved
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.service import Bulk, RecordRequest, Service
 from gateway.transport.dispatch import Refusal
@@ -380,7 +381,7 @@ class HttpSidecar:
                 continue  # the body is still arriving: that is the client's time
             waited = time.monotonic() - (call.read_at or started)
             if waited >= ANSWER_DEADLINE_S:
-                task.add_done_callback(_consume)
+                task.add_done_callback(retrieved)
                 raise StoreUnavailable(
                     f"PostgreSQL did not answer within {ANSWER_DEADLINE_S:.0f} s; "
                     "retry later (a retry with the same ids is safe)"
@@ -614,12 +615,6 @@ class HttpSidecar:
 
 MAX_HEADER_BYTES = 32_768
 ANSWER_DEADLINE_S = 10.0  # the database's time to answer a REST call, once its body is in
-
-
-def _consume(task: asyncio.Future[web.StreamResponse]) -> None:
-    """Read an abandoned handler's outcome, so an error is not logged as never retrieved."""
-    if not task.cancelled():
-        task.exception()
 
 
 def path_id(request: web.Request, name: str) -> str:

@@ -19,6 +19,14 @@ system-deps:
 	fi
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "error: the gateway needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) -V 2>&1)." \
+		     "Install python3.11 (or newer) and run: make $(MAKECMDGOALS) PYTHON=python3.11" >&2; exit 1; }
+	@if ! $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null; then \
+		echo "installing python3-venv with apt-get (Debian's Python has no venv without it)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			python3-venv "python$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv" >/dev/null; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

@@ -70,6 +70,16 @@ def _verifies(key: PyJWK) -> bool:
 AMBIGUOUS_AUTHORIZATION = "\x00two different authorization values"
 
 
+def one_authorization(carried: str | None, in_payload: str | None) -> str | None:
+    """The authorization of a request that may carry it as an MQTT 5 user property and in its
+    payload (SPEC §3, for MQTT 3.1.1): the two must agree when both are sent."""
+    if not carried:
+        return in_payload
+    if in_payload and in_payload != carried:
+        return AMBIGUOUS_AUTHORIZATION
+    return carried
+
+
 def bearer_token(value: str | None) -> str:
     """The JWT inside an ``authorization`` value (``Bearer <jwt>``)."""
     if value == AMBIGUOUS_AUTHORIZATION:
@@ -82,8 +92,8 @@ def bearer_token(value: str | None) -> str:
     scheme, _, token = value.strip().partition(" ")
     if token and scheme.lower() == "bearer":
         return token.strip()
-    if not token and value.count(".") == 2:
-        return value.strip()
+    if not token and value.count(".") == 2:  # as HTTP's Authorization header: the scheme first
+        raise Unauthorized("malformed authorization: put 'Bearer ' before the token")
     raise Unauthorized("malformed authorization: expected 'Bearer <jwt>'")
 
 

@@ -239,7 +239,11 @@ class BulkRecords(_Request):
     records: list[Any]
 
 
-class VoidRecord(_Request):
+class RecordCommand(_Request):
+    recordId: Id | None = None
+
+
+class VoidRecord(RecordCommand):
     reason: Annotated[StrictStr, Field(min_length=1, max_length=NOTES_MAX)]
 
     @field_validator("reason")
@@ -248,10 +252,6 @@ class VoidRecord(_Request):
         if not value.strip():
             raise ValueError("must say why (not only spaces)")
         return value
-
-
-class RecordCommand(_Request):
-    recordId: Id | None = None
 
 
 class CheckIdempotency(_Request):
@@ -271,11 +271,14 @@ class Envelope(NamedTuple):
     def check(self) -> None:
         """Refuse envelope fields of the wrong type (they were set aside, not trusted)."""
         if self.invalid:
-            names = ", ".join(self.invalid)
-            raise InvalidRequest(
-                f"envelope field(s) {names} must be strings",
-                {"fields": [{"field": n, "message": "must be a string"} for n in self.invalid]},
-            )
+            fields = [
+                {"field": n, "message": "must be a string or a number"}
+                if n == "requestId"  # echoed as sent
+                else {"field": n, "message": "must be a string"}
+                for n in self.invalid
+            ]
+            summary = "; ".join(f"{f['field']} {f['message']}" for f in fields)
+            raise InvalidRequest(f"envelope field(s): {summary}", {"fields": fields})
 
 
 EMPTY_ENVELOPE = Envelope()
@@ -395,8 +398,10 @@ def take_envelope(data: dict[str, Any]) -> Envelope:
     )
 
 
-def validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
-    """One readable InvalidRequest from pydantic's errors, naming every bad field."""
+def validation_error(
+    exc: ValidationError, prefix: str = "", what: str = "payload"
+) -> InvalidRequest:
+    """One readable InvalidRequest from pydantic's errors, naming every bad field of ``what``."""
     fields = []
     for err in exc.errors(include_url=False, include_context=True, include_input=False):
         loc = ".".join(str(p) for p in err["loc"]) or "payload"
@@ -410,7 +415,7 @@ def validation_error(exc: ValidationError, prefix: str = "") -> InvalidRequest:
             msg = "must be a JSON object"
         fields.append({"field": prefix + loc, "message": msg})
     summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
-    return InvalidRequest(f"invalid payload: {summary}", {"fields": fields})
+    return InvalidRequest(f"invalid {what}: {summary}", {"fields": fields})
 
 
 M = TypeVar("M", bound=BaseModel)

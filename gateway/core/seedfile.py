@@ -80,4 +80,4 @@ def parse_seed(text: str, *, name: str = "seed") -> SeedFile:
     try:
         return SeedFile.model_validate(data)
     except ValidationError as exc:
-        raise validation_error(exc, prefix=f"{name}: ") from None
+        raise validation_error(exc, prefix=f"{name}: ", what="seed file") from None

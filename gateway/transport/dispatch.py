@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from gateway.core import ordering
-from gateway.core.auth import Claims, TokenVerifier
+from gateway.core.auth import Claims, TokenVerifier, one_authorization
 from gateway.core.idempotency import split_client_key
 from gateway.core.models import (
     EMPTY_ENVELOPE,
@@ -255,7 +255,9 @@ class Dispatcher:
             if r.route is None:
                 raise InvalidRequest(f"{m.topic} is not a request topic; see SPEC §2")
             r.envelope.check()
-            r.claims = self.verifier.verify(m.authorization or r.envelope.authorization)
+            r.claims = self.verifier.verify(
+                one_authorization(m.authorization, r.envelope.authorization)
+            )
         except RequestError as exc:
             r.error = exc
         return r
@@ -278,7 +280,9 @@ class Dispatcher:
         r.envelope = envelope
         r.record = record
         try:
-            r.claims = self.verifier.verify(r.msg.authorization or envelope.authorization)
+            r.claims = self.verifier.verify(
+                one_authorization(r.msg.authorization, envelope.authorization)
+            )
         except RequestError as exc:
             r.error = exc
         return True
@@ -436,6 +440,7 @@ class Dispatcher:
     async def _void_record(self, r: _Request) -> dict[str, Any]:
         assert r.who is not None and r.route is not None and r.route.record_id is not None
         cmd = validate(VoidRecord, r.data)
+        same_id(cmd.recordId, r.route.record_id, "recordId")
         data = await self.service.void_record(r.who, r.route.record_id, cmd, r.msg.received_at)
         return {"status": "success", "data": data}
 

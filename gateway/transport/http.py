@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.core.auth import AMBIGUOUS_AUTHORIZATION, TokenVerifier
 from gateway.core.models import (
@@ -286,7 +287,7 @@ class HttpSidecar:
         self.metrics = metrics
         self._ready = ready
         self.app = web.Application(
-            middlewares=[self._count, self._cors, self._errors],
+            middlewares=[_head_without_length, self._count, self._cors, self._errors],
             client_max_size=max_payload_bytes + 1,
         )
         self.app.router.add_get("/healthz", self.healthz)
@@ -574,9 +575,10 @@ class HttpSidecar:
 
     async def void_record(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
-        out = await self.service.void_record(
-            who, path_id(request, "record_id"), validate(VoidRecord, data), _now()
-        )
+        record_id = path_id(request, "record_id")
+        cmd = validate(VoidRecord, data)
+        same_id(cmd.recordId, record_id, "recordId")
+        out = await self.service.void_record(who, record_id, cmd, _now())
         headers = {"X-Idempotent-Replay": "true"} if out["idempotent"] else {}
         return self.answer(request, {"status": "success", "data": out}, 200, **headers)
 
@@ -611,6 +613,25 @@ class HttpSidecar:
             {"status": "success", "data": {"key": key, "exists": exists}},
             200 if exists else 404,
         )
+
+
+@web.middleware
+async def _head_without_length(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A HEAD answer without Content-Length, on a connection then closed.
+
+    HTTP lets a HEAD answer carry the Content-Length a GET would have had, and aiohttp sends
+    it; but the seeds' own example of the check is ``curl -i -X HEAD``, and curl, told so,
+    then waits for those bytes until the connection times out. Without the length (allowed:
+    RFC 9110 §8.6 "MAY") and with the connection closed after the headers, a real HEAD client
+    and that command both finish at once: 200 or 404 is all the check says."""
+    response = await handler(request)
+    if request.method != "HEAD" or not isinstance(response, web.Response):
+        return response
+    headers = CIMultiDict(response.headers)
+    headers.popall("Content-Length", None)
+    bare = web.Response(status=response.status, reason=response.reason, headers=headers)
+    bare.force_close()
+    return bare
 
 
 MAX_HEADER_BYTES = 32_768

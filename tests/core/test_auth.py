@@ -15,7 +15,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gateway.core.auth import Claims, KeyRing, TokenVerifier, bearer_token, mint_token
+from gateway.core.auth import (
+    AMBIGUOUS_AUTHORIZATION,
+    Claims,
+    KeyRing,
+    TokenVerifier,
+    bearer_token,
+    mint_token,
+    one_authorization,
+)
 from gateway.errors import Unauthorized
 
 SECRET = "s" * 32 + "0123456789abcdef0123456789abcdef"
@@ -81,7 +89,6 @@ def verifier(
         ("bearer a.b.c", "a.b.c"),
         ("BEARER a.b.c", "a.b.c"),
         ("  Bearer   a.b.c  ", "a.b.c"),
-        ("a.b.c", "a.b.c"),
     ],
 )
 def test_bearer_token(value: str, token: str) -> None:
@@ -97,6 +104,12 @@ def test_bearer_token_refusals(value: str | None) -> None:
     with pytest.raises(Unauthorized) as info:
         bearer_token(value)
     assert info.value.code == "UNAUTHORIZED"
+
+
+def test_a_token_without_its_scheme_is_refused_saying_so() -> None:
+    """SPEC §3: the value is 'Bearer <jwt>'; a bare JWT is refused (as over HTTP), saying how."""
+    with pytest.raises(Unauthorized, match="put 'Bearer ' before the token"):
+        bearer_token("a.b.c")
 
 
 # --- HS256 -----------------------------------------------------------------------------------
@@ -473,3 +486,21 @@ def test_an_unknown_kid_is_not_echoed_in_full() -> None:
     with pytest.raises(Unauthorized) as info:
         verifier().verify(bearer(hs256(claims(), kid="k" * 20_000)))
     assert len(info.value.message) < 200
+
+
+@pytest.mark.parametrize(
+    ("carried", "in_payload", "taken"),
+    [
+        ("Bearer a.b.c", None, "Bearer a.b.c"),
+        (None, "Bearer a.b.c", "Bearer a.b.c"),
+        ("", "Bearer a.b.c", "Bearer a.b.c"),
+        ("Bearer a.b.c", "Bearer a.b.c", "Bearer a.b.c"),
+        ("Bearer a.b.c", "Bearer x.y.z", AMBIGUOUS_AUTHORIZATION),
+        (None, None, None),
+    ],
+)
+def test_one_authorization_from_property_and_payload(
+    carried: str | None, in_payload: str | None, taken: str | None
+) -> None:
+    """A token sent both as user property and in the payload must be the same one."""
+    assert one_authorization(carried, in_payload) == taken

@@ -213,6 +213,9 @@ def test_take_envelope_flags_wrong_types(field: str, value: object) -> None:
     with pytest.raises(InvalidRequest) as info:
         envelope.check()
     assert field in info.value.message
+    # it says what the field may be: requestId is also taken as a number
+    allowed = "a string or a number" if field == "requestId" else "a string"
+    assert info.value.message.endswith(f"{field} must be {allowed}"), info.value.message
     assert refused_fields(info.value) == [field]
 
 

@@ -287,6 +287,20 @@ async def test_bad_token_is_refused(
     await assert_still_serving(device, session_id, database, tenant)
 
 
+async def test_a_token_without_the_bearer_scheme_is_refused(
+    device: Device, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """SPEC §3: authorization = 'Bearer <jwt>'; a bare (valid) JWT is refused, as over HTTP."""
+    rec = record()
+    before = await stored_for(database, [tenant.company_id])
+    reply = await device.request(f"sessions/{session_id}/records", rec, scheme="")
+    assert "Bearer" in assert_error(reply, "UNAUTHORIZED")["message"], reply
+    assert await stored_for(database, [tenant.company_id]) == before
+    ok = await device.request(f"sessions/{session_id}/records", rec)  # with its scheme
+    assert ok["status"] == "success", ok
+    assert ok["data"]["idempotent"] is False
+
+
 async def test_two_different_tokens_are_refused_not_one_picked(
     device: Device, tenant: Tenant, session_id: str, database: str
 ) -> None:
@@ -303,6 +317,26 @@ async def test_two_different_tokens_are_refused_not_one_picked(
         assert await stored_for(database, [tenant.company_id]) == before
     reply = await device.request(suffix, record(), token=mine, more_tokens=(mine,))
     assert reply["status"] == "success", reply
+
+
+async def test_a_payload_token_differing_from_the_user_property_is_refused(
+    device: Device, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """A token in the user property and another in the payload's "authorization" (the MQTT
+    3.1.1 way) are refused, not one picked, on the hot path and on the general one alike."""
+    mine, colleague = tenant.token(), tenant.token(sub=tenant.other_user)
+    for suffix, payload in (
+        (f"sessions/{session_id}/records", record()),
+        (f"sessions/{session_id}/get", {}),
+    ):
+        before = await stored_for(database, [tenant.company_id])
+        body = {**payload, "authorization": f"Bearer {colleague}"}
+        error = assert_error(await device.request(suffix, body, token=mine), "UNAUTHORIZED")
+        assert "two different authorization" in error["message"]
+        assert await stored_for(database, [tenant.company_id]) == before
+        same = {**payload, "authorization": f"Bearer {mine}"}
+        reply = await device.request(suffix, same, token=mine)
+        assert reply["status"] == "success", reply
 
 
 async def test_auth0id_differing_from_token_is_forbidden(

@@ -246,6 +246,25 @@ async def test_void_refusals(
     assert (await device.request(f"records/{rid}/get", {}))["data"]["state"] == "inserted"
 
 
+async def test_a_void_naming_another_record_in_its_payload_is_refused(
+    device: Device, session_id: str, database: str
+) -> None:
+    """As for get (and sessionId on a session's topics): a recordId in the payload must be the
+    topic's, else VALIDATION_ERROR and nothing voided; the same id is fine."""
+    rid = (await device.request(f"sessions/{session_id}/records", record()))["data"]["recordId"]
+    other = (await device.request(f"sessions/{session_id}/records", record()))["data"]["recordId"]
+    wrong = await device.request(f"records/{rid}/void", {"reason": "x", "recordId": other})
+    assert wrong["status"] == "error", wrong
+    assert wrong["error"]["code"] == "VALIDATION_ERROR", wrong
+    assert "recordId" in wrong["error"]["message"], wrong
+    for r in (rid, other):
+        assert (await device.request(f"records/{r}/get", {}))["data"]["state"] == "inserted"
+    _, _, voided, _ = await ledger(database, session_id)
+    assert voided == 0
+    right = await device.request(f"records/{rid}/void", {"reason": "x", "recordId": rid})
+    assert right["status"] == "success", right
+
+
 async def test_check_idempotency_over_mqtt(device: Device, session_id: str) -> None:
     """The MQTT check answers {key, exists} for client keys and idempotencyKeys."""
     rec = record(idempotencyKey="mobile-app-key-1")

@@ -91,6 +91,32 @@ async def test_check_idempotency_finds_a_stored_client_key(
         assert resp.status == 200
 
 
+async def test_the_seeds_curl_x_head_example_finishes_at_once(
+    gateway: Gateway, device: Device, tenant: Tenant, session_id: str
+) -> None:
+    """The seeds show the check as ``curl -i -X HEAD ...``: curl then reads as many body bytes
+    as Content-Length says. The answer carries none and closes the connection, so that command
+    ends at once with the status (here by hand: read to the end of the connection)."""
+    rec = await stored_record(device, session_id)
+    known = f"client:{session_id}:{rec['workerId']}:{rec['clientEventId']}"
+    for key, status in ((known, 200), (f"{known}-never", 404), (None, 401)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.http_port)
+        auth = "" if key is None else f"Authorization: Bearer {tenant.token()}\r\n"
+        target = f"{CHECK}?key={quote(key or known, safe='')}"
+        writer.write(f"HEAD {target} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(), timeout=15)  # to EOF
+        finally:
+            writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0].startswith(f"HTTP/1.1 {status} "), lines
+        assert not [ln for ln in lines if ln.lower().startswith("content-length:")], lines
+        assert body == b"", body
+        assert any(ln.lower().startswith("content-type: application/json") for ln in lines)
+
+
 async def test_check_idempotency_unknown_key_is_404(
     http: tuple[aiohttp.ClientSession, str], device: Device, tenant: Tenant, session_id: str
 ) -> None:

@@ -441,6 +441,12 @@ async def test_units_with_more_digits_than_stored_replay_and_preview_as_stored(
     assert again["idempotent"] is True, again
     assert again["recordId"] == first["recordId"]
     assert again["payloadPreview"] == first["payloadPreview"]
+    shown = first["payloadPreview"]["units"]  # sending back what the reply showed: a replay
+    echo = success(
+        await device.request(f"sessions/{session_id}/records", {**payload, "units": shown})
+    )
+    assert echo["idempotent"] is True, (units, shown)
+    assert echo["recordId"] == first["recordId"]
     got = await device.request(f"records/{first['recordId']}/get", {})
     assert got["data"]["units"] == first["payloadPreview"]["units"]
     rows = await ledger(database, session_id)

@@ -83,9 +83,12 @@ async def test_rest_session_and_record_flow(rest: Rest, tenant: Tenant) -> None:
     assert status == 207
     assert bulk["summary"] == {"ok": 1, "duplicated": 1, "failed": 0}
 
-    status, void, _ = await rest.call(
-        "POST", f"/records/{created['data']['recordId']}/void", {"reason": "typo"}
+    rid = created["data"]["recordId"]
+    status, wrong, _ = await rest.call(
+        "POST", f"/records/{rid}/void", {"reason": "typo", "recordId": "rec_another"}
     )
+    assert (status, wrong["error"]["code"]) == (400, "VALIDATION_ERROR"), wrong
+    status, void, _ = await rest.call("POST", f"/records/{rid}/void", {"reason": "typo"})
     assert status == 200
     assert void["data"]["payloadPreview"]["units"] == -5
     status, session, _ = await rest.call("GET", f"/sessions/{sid}")

@@ -132,9 +132,10 @@ class Device(ReadingClient):
         token: str | bool | None = True,
         timeout: float = REPLY_TIMEOUT_S,
         more_tokens: tuple[str, ...] = (),
+        scheme: str = "Bearer ",
     ) -> dict[str, Any]:
         """Publish a request and wait for its reply (matched by Correlation Data); each of
-        ``more_tokens`` goes in one more authorization user property."""
+        ``more_tokens`` goes in one more authorization user property, after ``scheme``."""
         loop = asyncio.get_running_loop()
         corr = f"c{next(self._seq)}-{secrets.token_hex(4)}".encode()
         fut: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -143,7 +144,7 @@ class Device(ReadingClient):
         bearer = self.token if token is True else token
         tokens = [bearer, *more_tokens] if bearer else list(more_tokens)
         if tokens:
-            props.UserProperty = [("authorization", f"Bearer {t}") for t in tokens]
+            props.UserProperty = [("authorization", f"{scheme}{t}") for t in tokens]
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         await self._client.publish(self.topic(suffix), body, qos=1, properties=props)
         try:

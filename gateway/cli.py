@@ -60,12 +60,14 @@ async def _run(settings: Settings) -> None:
 
 
 def cmd_run(_args: argparse.Namespace) -> int:
-    from gateway.config import unknown_settings
+    from gateway.config import advice, unknown_settings
 
     settings = load_settings()
     setup_logging(settings.log_level, settings.log_format)
     for name in unknown_settings(os.environ):
         log.warning("%s is not a setting: ignored", name)
+    for text in advice(settings):
+        log.warning("%s", text)
     settings.require_jwt_keys()
     asyncio.run(_run(settings))
     return 0

@@ -212,9 +212,27 @@ def load_settings(**overrides: object) -> Settings:
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            name = f"GATEWAY_{loc.upper()}" if loc else "configuration"
-            lines.append(f"  {name}: {str(err['msg']).removeprefix('Value error, ')}")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            # a check across settings names its variables itself
+            lines.append(f"  GATEWAY_{loc.upper()}: {msg}" if loc else f"  {msg}")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+# mosquitto's message_size_limit in mosquitto/*.conf
+BROKER_MESSAGE_SIZE_LIMIT = 1_048_576
+
+
+def advice(settings: Settings) -> list[str]:
+    """Settings that are valid but probably not what the operator wants."""
+    found = []
+    if settings.max_payload_bytes > BROKER_MESSAGE_SIZE_LIMIT:
+        found.append(
+            f"GATEWAY_MAX_PAYLOAD_BYTES={settings.max_payload_bytes} is above the "
+            f"message_size_limit ({BROKER_MESSAGE_SIZE_LIMIT}) of the project's mosquitto "
+            "configuration: raise the broker's limit above it too, or payloads in between are "
+            "refused by the broker and never reach the gateway (no reply)"
+        )
+    return found
 
 
 def unknown_settings(environ: Mapping[str, str]) -> list[str]:

@@ -12,6 +12,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+import yaml
+
 from gateway.config import Settings, load_settings
 from gateway.core.auth import mint_token
 from gateway.core.models import OpenSession
@@ -74,7 +76,21 @@ async def _prepare(settings: Settings) -> str:
         await store.close()
 
 
-def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: str) -> str:
+def write_demo_seed(folder: Path) -> Path:
+    """The demo tenant as a seed file (SPEC §6 format), for `gateway seed` to load or copy."""
+    path = folder / "tenants.yaml"
+    header = (
+        "# A seed file for `gateway seed` (YAML, or the same structure in JSON); loading it\n"
+        "# twice changes nothing. This is the demo tenant `gateway dev` loaded: copy it, add\n"
+        "# companies, users, projects and sectors, and load it again.\n"
+    )
+    path.write_text(header + yaml.safe_dump(DEMO_SEED, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _instructions(
+    settings: Settings, mqtt_port: int, ws_port: int, session_id: str, seed_file: Path
+) -> str:
     token = mint_token(settings.jwt_secret or "", DEMO_USER, ttl_s=24 * 3600)
     p = settings.topic_prefix
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
@@ -94,7 +110,10 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             ("GATEWAY_DATABASE_URL", settings.database_url),
             ("GATEWAY_MQTT_URL", f"mqtt://127.0.0.1:{mqtt_port}"),
             ("GATEWAY_JWT_SECRET", settings.jwt_secret or ""),
-            ("TOKEN", token),  # the demo token, as $TOKEN in the README's examples
+            # as $TOKEN, $MQTT_PORT and $HTTP_URL in the README's examples
+            ("TOKEN", token),
+            ("MQTT_PORT", str(mqtt_port)),
+            ("HTTP_URL", http),
         )
     )
     gw = _program()
@@ -121,7 +140,7 @@ def _instructions(settings: Settings, mqtt_port: int, ws_port: int, session_id: 
             "  # 4. the other commands (token, seed, dead-letters, simulate) on this stack:",
             f"  export {env}",
             f"  {gw} token --sub {DEMO_USER} --ttl 1h",
-            f"  {gw} seed tenants.yaml        # companies, users, projects (SPEC §6 format)",
+            f"  {gw} seed {shlex.quote(str(seed_file))}   # the demo tenant: copy it, edit, load",
             f"  {gw} dead-letters --since 1h",
             f"  {gw} simulate --url {ws} --sub {DEMO_USER} --session {session_id} "
             "--records 2000 --rate 500",
@@ -195,7 +214,7 @@ def run_dev(*, keep: bool = False) -> int:
             jwt_secret=base.jwt_secret or secrets.token_hex(32),
             mqtt_client_id=f"hydrobit-gateway-dev-{os.getpid()}",
         )
-        return asyncio.run(_serve(settings, broker))
+        return asyncio.run(_serve(settings, broker, workdir))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -208,11 +227,12 @@ def run_dev(*, keep: bool = False) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _serve(settings: Settings, broker: MosquittoServer) -> int:
+async def _serve(settings: Settings, broker: MosquittoServer, workdir: Path) -> int:
     from gateway.app import Gateway
     from gateway.cli import install_signal_handlers
 
     session_id = await _prepare(settings)
+    seed_file = write_demo_seed(workdir)
     gateway = Gateway(settings, any_http_port=True)
     install_signal_handlers(gateway.stop)
     await gateway.run(
@@ -222,6 +242,7 @@ async def _serve(settings: Settings, broker: MosquittoServer) -> int:
                 broker.tcp_port,
                 broker.ws_port,
                 session_id,
+                seed_file,
             )
         )
     )

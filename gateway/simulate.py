@@ -581,6 +581,8 @@ class _Worker:
         result = self.result
         cpu0, t0 = time.process_time(), time.perf_counter()
         result.first_send = time.time()
+        if progress is not None:  # connected: the clock of the bar's rate starts now
+            progress.put((self.worker, 0, 0, result.first_send))
         last_reply = last_progress = time.perf_counter()
         tick = t0
         while result.replies < self.total:
@@ -602,14 +604,14 @@ class _Worker:
                 break  # the responder went silent: report what we have
             if time.perf_counter() - last_progress > 0.2:
                 if progress is not None:
-                    progress.put((self.worker, result.sent, result.replies))
+                    progress.put((self.worker, result.sent, result.replies, result.first_send))
                 last_progress = time.perf_counter()
                 self.keep_alive()
         result.cpu_s = time.process_time() - cpu0
         result.wall_s = last_reply - t0
         result.last_reply = time.time()
         if progress is not None:
-            progress.put((self.worker, result.sent, result.replies))
+            progress.put((self.worker, result.sent, result.replies, result.first_send))
         for c in self.conns:
             c.close()
         return result
@@ -660,12 +662,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _bar(done: int, total: int, started: float, width: int = 30) -> str:
+def _bar(done: int, total: int, rate: float | None, width: int = 30) -> str:
+    """The progress line; ``rate`` None while the devices are still connecting."""
     frac = done / total if total else 1.0
-    rate = done / max(1e-6, time.perf_counter() - started)
     filled = int(frac * width)
     bar = "#" * filled + "." * (width - filled)
-    return f"\r[{bar}] {frac:6.1%} {done}/{total} replies {rate:,.0f}/s "
+    speed = "connecting devices" if rate is None else f"{rate:,.0f}/s"
+    return f"\r[{bar}] {frac:6.1%} {done}/{total} replies {speed} "
 
 
 def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
@@ -681,14 +684,15 @@ def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
         p.start()
     total = planned_requests(plan)
     done_by: dict[int, int] = {}
+    first_send: float | None = None  # the first publish of any worker (wall clock)
     got: dict[int, WorkerResult] = {}
-    started = time.perf_counter()
     tty = show_progress and sys.stderr.isatty()
     last_line = 0.0
     while len(got) < plan.processes:
         while not progress.empty():
-            w, _sent, replies = progress.get()
+            w, _sent, replies, began = progress.get()
             done_by[w] = replies
+            first_send = began if first_send is None else min(first_send, began)
         while not results.empty():
             w, res = results.get()
             if isinstance(res, Exception):
@@ -698,7 +702,10 @@ def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
                 raise SimulationError(f"simulator worker {w} failed: {res}{where}") from res
             got[w] = res
         if show_progress:
-            line = _bar(sum(done_by.values()), total, started)
+            done = sum(done_by.values())
+            # as the summary counts it: replies per second since the first publish
+            rate = None if first_send is None else done / max(1e-6, time.time() - first_send)
+            line = _bar(done, total, rate)
             if tty:
                 sys.stderr.write(line)
                 sys.stderr.flush()
@@ -710,9 +717,10 @@ def run_fleet(plan: FleetPlan, *, show_progress: bool = True) -> FleetSummary:
         time.sleep(0.05)
     for p in procs:
         p.join(5)
+    summary = summarize(list(got.values()))
     if show_progress:
-        sys.stderr.write(_bar(sum(r.replies for r in got.values()), total, started) + "\n")
-    return summarize(list(got.values()))
+        sys.stderr.write(_bar(summary.replies, total, summary.rate) + "\n")
+    return summary
 
 
 def summarize(results: Sequence[WorkerResult]) -> FleetSummary:

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import MqttEndpoint, Settings, load_settings, unknown_settings
+from gateway.config import (
+    BROKER_MESSAGE_SIZE_LIMIT,
+    MqttEndpoint,
+    Settings,
+    advice,
+    load_settings,
+    unknown_settings,
+)
 from gateway.errors import ConfigError
 
 GOOD_SECRET = "0123456789abcdef0123456789abcdef"
@@ -127,8 +134,9 @@ def test_bad_values_name_the_variable(
 def test_short_jwt_secret(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
     """A JWT secret under 32 bytes is refused, naming GATEWAY_JWT_SECRET."""
     monkeypatch.setenv("GATEWAY_JWT_SECRET", secret)
-    with pytest.raises(ConfigError, match="GATEWAY_JWT_SECRET"):
+    with pytest.raises(ConfigError, match="GATEWAY_JWT_SECRET") as caught:
         load_settings()
+    assert str(caught.value).splitlines()[1].startswith("  GATEWAY_JWT_SECRET must be")
 
 
 def test_overrides_are_checked_like_env() -> None:
@@ -230,3 +238,24 @@ def test_unknown_settings_are_named_with_the_one_meant() -> None:
         "GATEWAY_MAX_BULKK (did you mean GATEWAY_MAX_BULK?)",
         "GATEWAY_ZZZ",
     ]
+
+
+def test_a_payload_limit_above_the_brokers_is_advised_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between the broker's limit and the gateway's a payload would be dropped unanswered."""
+    assert advice(load_settings()) == []
+    monkeypatch.setenv("GATEWAY_MAX_PAYLOAD_BYTES", str(BROKER_MESSAGE_SIZE_LIMIT))
+    assert advice(load_settings()) == []
+    monkeypatch.setenv("GATEWAY_MAX_PAYLOAD_BYTES", "2000000")
+    (text,) = advice(load_settings())
+    assert "GATEWAY_MAX_PAYLOAD_BYTES=2000000" in text and "message_size_limit" in text
+
+
+def test_the_broker_limit_named_is_the_one_configured() -> None:
+    """BROKER_MESSAGE_SIZE_LIMIT follows mosquitto/*.conf."""
+    root = Path(__file__).resolve().parents[2] / "mosquitto"
+    for conf in ("mosquitto.conf", "production.conf"):
+        lines = (root / conf).read_text().splitlines()
+        limits = [ln.split()[1] for ln in lines if ln.startswith("message_size_limit ")]
+        assert limits == [str(BROKER_MESSAGE_SIZE_LIMIT)], conf

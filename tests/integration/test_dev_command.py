@@ -308,14 +308,20 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
             "GATEWAY_DATABASE_URL",
             "GATEWAY_MQTT_URL",
             "GATEWAY_JWT_SECRET",
-            "TOKEN",  # the README's examples use $TOKEN
+            # the README's examples use $TOKEN, $MQTT_PORT, $HTTP_URL
+            "TOKEN",
+            "MQTT_PORT",
+            "HTTP_URL",
         }
         assert jwt.decode(printed["TOKEN"], printed["GATEWAY_JWT_SECRET"], algorithms=["HS256"])
+        assert int(printed["MQTT_PORT"]) == broker_port
+        http_port = dev.port_after(r"HTTP sidecar: http://127\.0\.0\.1:(\d+) ")
+        assert printed["HTTP_URL"] == f"http://127.0.0.1:{http_port}"
         env = clean_env(**printed)
 
         def command(name: str) -> list[str]:
             line = next(ln.strip() for ln in dev.lines if re.match(rf"  \S*gateway {name} ", ln))
-            return shlex.split(line)
+            return shlex.split(line, comments=True)  # as a shell reads it
 
         minted = await run_process(command("token"), env=env, timeout=30)
         assert minted.returncode == 0, minted
@@ -323,6 +329,9 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
             minted.stdout.strip(), printed["GATEWAY_JWT_SECRET"], algorithms=["HS256"]
         )
         assert claims["sub"] == "user_123456789"
+        seeded = await run_process(command("seed"), env=env, timeout=30)
+        assert seeded.returncode == 0, seeded  # the printed file exists and loads (again)
+        assert "seeded 1 companies, 1 users, 1 projects, 1 sectors" in seeded.stdout, seeded
         listed = await run_process(command("dead-letters"), env=env, timeout=30)
         assert listed.returncode == 0, listed
         simulate = command("simulate")

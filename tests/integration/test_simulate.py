@@ -68,6 +68,9 @@ async def test_offered_rate_with_duplicates_stores_each_record_once(
     opened = re.search(r"opened 1 session\(s\): (\w+)", done.stderr)
     assert opened, done.stderr[-2000:]
     assert "replies" in done.stderr  # the progress bar
+    # ... which ends on the rate the summary reports (both from the first publish on)
+    bar_rate = re.findall(r"660/660 replies ([\d,]+)/s", done.stderr)[-1]
+    assert f": {bar_rate} records/s" in done.stdout, (done.stderr[-300:], done.stdout)
     assert summary == {"replies": 660, "sent": 660, "dups": 60, "errors": 0}
     assert await _ledger(database, opened[1]) == (600, 600, 600)
 

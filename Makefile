@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lint typecheck unit bench soak system-deps venv clean
+.PHONY: run test lint typecheck unit bench soak schemas system-deps venv clean
 
 system-deps:
 	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_sub >/dev/null; then \
@@ -53,6 +53,9 @@ soak: system-deps venv
 bench: system-deps venv
 	$(BIN)/python -m bench                                # saturation: gateway, echo, naive
 	$(BIN)/python -m bench --rate 5000 --only gateway,echo   # latency at 5,000 records/s offered
+
+schemas: venv
+	$(BIN)/python -m gateway.wireschema   # (re)write schemas/ from the request models
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

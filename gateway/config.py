@@ -49,6 +49,9 @@ def _default_client_id() -> str:
     return f"hydrobit-gateway-{socket.gethostname()}"
 
 
+DEFAULT_SHARE_GROUP = "hydrobit-gateway"  # SPEC §2: published, so secret only when changed
+
+
 class Settings(BaseSettings):
     """The gateway's configuration, read from ``GATEWAY_*`` environment variables."""
 
@@ -67,7 +70,7 @@ class Settings(BaseSettings):
     mqtt_tls_insecure: bool = False
 
     topic_prefix: str = "hydrobit/v2"
-    share_group: str = "hydrobit-gateway"
+    share_group: str = DEFAULT_SHARE_GROUP
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=0, le=65535)
@@ -225,6 +228,13 @@ BROKER_MESSAGE_SIZE_LIMIT = 1_048_576
 def advice(settings: Settings) -> list[str]:
     """Settings that are valid but probably not what the operator wants."""
     found = []
+    if settings.mqtt_username and settings.share_group == DEFAULT_SHARE_GROUP:
+        found.append(
+            f"GATEWAY_SHARE_GROUP is the published default {DEFAULT_SHARE_GROUP!r} on a broker "
+            "with logins: a device that subscribes to $share/hydrobit-gateway/... takes requests "
+            "away from the gateway; set a group made once and kept secret "
+            "(gw- and 16 random hex digits), the same for every replica"
+        )
     if settings.max_payload_bytes > BROKER_MESSAGE_SIZE_LIMIT:
         found.append(
             f"GATEWAY_MAX_PAYLOAD_BYTES={settings.max_payload_bytes} is above the "

@@ -47,3 +47,25 @@ def test_the_image_never_receives_the_broker_secrets() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {"mosquitto/passwd", "mosquitto/certs", ".venv", ".git"} <= ignored
+
+
+def test_the_secrets_are_required_and_the_share_group_is_one_of_them() -> None:
+    """The public default share group would let any device take requests (mosquitto/README):
+    compose refuses to start without a group of the deployment's own, as without its secrets."""
+    env = services()["gateway"]["environment"]
+    for name in ("GATEWAY_SHARE_GROUP", "GATEWAY_JWT_SECRET", "GATEWAY_MQTT_PASSWORD"):
+        assert str(env[name]).startswith(f"${{{name}:?"), name
+
+
+def test_clear_text_ports_are_published_on_loopback_only() -> None:
+    """Plain MQTT, plain WebSocket and the HTTP sidecar carry passwords or tokens in clear:
+    published on the host's loopback; devices get the TLS listeners."""
+    published = {
+        str(port).rsplit(":", 1)[-1]: str(port)
+        for svc in services().values()
+        for port in svc.get("ports", [])
+    }
+    for clear in ("1883", "9001", "8080"):
+        assert published[clear].startswith("127.0.0.1:"), published[clear]
+    for tls in ("8883", "9443"):
+        assert tls in published

@@ -252,6 +252,19 @@ def test_a_payload_limit_above_the_brokers_is_advised_against(
     assert "GATEWAY_MAX_PAYLOAD_BYTES=2000000" in text and "message_size_limit" in text
 
 
+def test_the_default_share_group_on_a_broker_with_logins_is_advised_against(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anonymous (gateway dev, tests): the default is fine; with a broker login it is the
+    public name any device could subscribe to."""
+    assert advice(load_settings()) == []
+    monkeypatch.setenv("GATEWAY_MQTT_USERNAME", "hydrobit-gateway")
+    (text,) = advice(load_settings())
+    assert "GATEWAY_SHARE_GROUP" in text and "secret" in text
+    monkeypatch.setenv("GATEWAY_SHARE_GROUP", "gw-3f9c27a1d04b6e58")
+    assert advice(load_settings()) == []
+
+
 def test_the_broker_limit_named_is_the_one_configured() -> None:
     """BROKER_MESSAGE_SIZE_LIMIT follows mosquitto/*.conf."""
     root = Path(__file__).resolve().parents[2] / "mosquitto"

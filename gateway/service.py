@@ -317,7 +317,11 @@ class Service:
         )
         draft = session_object_for_new(new)
         events = [new_event(EventType.OPENED, new.session_id, draft, arrival)]
-        session, created, _expired = await self.store.open_session(new, arrival, events)
+        session, created, expired = await self.store.open_session(
+            new, arrival, events, lambda closed: expiry_events(closed, arrival)
+        )
+        for gone in expired:
+            self.session_changed(gone.session_id)
         if not created:
             if session.facts.owner != who.sub:
                 raise SessionAlreadyOpen(

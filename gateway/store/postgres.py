@@ -425,12 +425,18 @@ class PostgresStore:
     # sessions -----------------------------------------------------------------------------
 
     async def open_session(
-        self, new: NewSession, arrival: datetime, events: Sequence[SessionEvent]
+        self,
+        new: NewSession,
+        arrival: datetime,
+        events: Sequence[SessionEvent],
+        announce: Callable[[Sequence[Session]], Sequence[SessionEvent]],
     ) -> tuple[Session, bool, list[Session]]:
         """Insert ``new`` unless its key already has an open session.
 
         Returns (the open session for the key, whether it is ``new``, sessions closed here
-        because they had expired). ``events`` are written to the outbox only if ``new`` wins.
+        because they had expired). ``events`` are written to the outbox only if ``new`` wins;
+        the sessions closed here are announced (``announce``) in this transaction, whoever
+        wins, as the sweeper would have.
         """
         async with self._conn() as conn, conn.transaction():
             expired_rows = await conn.fetch(
@@ -449,6 +455,9 @@ class PostgresStore:
                 new.sector_id,
                 arrival,
             )
+            expired = [_session(r, await _workers(conn, r["session_id"])) for r in expired_rows]
+            if expired:
+                await self._write_events(conn, announce(expired))
             row = await conn.fetchrow(
                 f"""INSERT INTO production_sessions AS s (
                         session_id, company_id, project_id, owner_id, sector_id, sector_name,
@@ -492,9 +501,9 @@ class PostgresStore:
                     "WHERE session_id = $1",
                     row["session_id"],
                 )
-                return _session(row, workers), False, [_session(r) for r in expired_rows]
+                return _session(row, workers), False, expired
             await self._write_events(conn, events)
-            return _session(row), created, [_session(r) for r in expired_rows]
+            return _session(row), created, expired
 
     async def _write_events(self, conn: asyncpg.Connection, events: Sequence[SessionEvent]) -> None:
         await _insert_events(conn, events)

@@ -8,10 +8,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import pytest
 
 from gateway.app import Gateway
+from gateway.core.models import OpenSession
+from gateway.core.rules import Limits, Principal
 from gateway.core.seedfile import SeedFile
+from gateway.service import Service
 from gateway.store.postgres import PostgresStore
 from tests.conftest import PREFIX
 from tests.support.devices import Device
@@ -403,3 +407,41 @@ async def test_expired_session_does_not_block_a_new_open(device: Device, tenant:
     assert old["status"] == "closed"
     assert old["closeReason"] == "expired"
     assert old["closedAt"] == short["expiresAt"]
+
+
+@pytest.mark.parametrize("opener", ["owner", "colleague"])
+async def test_an_open_that_finds_the_key_expired_announces_the_expiry(
+    store: PostgresStore, database: str, opener: str
+) -> None:
+    """An open arriving after the old session's deadline but before the sweeper closes that
+    session as expired itself: it must announce session.expired too (once), as the sweeper
+    would have. The deadlines lie in the future of the real clock, so no sweeper gets there
+    first: the open is given a later arrival."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    owner = Principal(tenant.user, tenant.company_id)
+    now = datetime.now(UTC).replace(microsecond=0)
+    opened_at = iso_ms(now - timedelta(hours=1))
+    old = await service.open_session(
+        owner,
+        OpenSession.model_validate(tenant.open_payload(openedAt=opened_at, maxDurationHours=2)),
+        now,
+    )
+    who = owner if opener == "owner" else Principal(tenant.other_user, tenant.company_id)
+    again = OpenSession.model_validate(tenant.open_payload(openedAt=opened_at, maxDurationHours=10))
+    new = await service.open_session(who, again, now + timedelta(minutes=90))
+    assert new["sessionId"] != old["sessionId"] and new["idempotent"] is False
+    closed = await fetch(
+        database,
+        "SELECT status, close_reason, closed_at FROM production_sessions WHERE session_id = $1",
+        old["sessionId"],
+    )
+    assert [tuple(r) for r in closed] == [("closed", "expired", now + timedelta(hours=1))]
+    events = await fetch(
+        database,
+        "SELECT type, data FROM session_events WHERE session_id = $1 ORDER BY seq",
+        old["sessionId"],
+    )
+    assert [e["type"] for e in events] == ["session.opened", "session.expired"]
+    expired = orjson.loads(events[1]["data"])  # jsonb: text on a plain connection
+    assert expired["status"] == "closed" and expired["closeReason"] == "expired"

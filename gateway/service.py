@@ -7,11 +7,11 @@ rules of ``gateway.core`` and lets the store (PostgreSQL) have the final word.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -227,6 +227,7 @@ class Service:
         # version, and a refusal read from the cache is checked again against the database.
         self.session_cache: dict[str, SessionFacts] = {}
         self.user_cache: dict[str, Principal] = {}
+        self._notified = 0  # notifications so far: what was read across one is not cached
         # called when a request finds an open session past its deadline (wakes the sweeper)
         self.on_expired_seen: Callable[[], None] = lambda: None
 
@@ -236,16 +237,20 @@ class Service:
         self, asks: Sequence[tuple[Claims, str | None]]
     ) -> list[Principal | RequestError]:
         """The principal of each (verified claims, payload auth0Id); companies in one query."""
-        cache = self.user_cache
-        missing = {c.sub for c, _ in asks if c.sub not in cache}
+        # taken from the cache before any await: a notification or a full cache may empty it
+        # meanwhile, which must not turn a known user into an unknown one
+        known = {c.sub: who for c, _ in asks if (who := self.user_cache.get(c.sub)) is not None}
+        missing = {c.sub for c, _ in asks} - known.keys()
         if missing:
-            found = await self.store.companies_of(sorted(missing))
-            if len(cache) + len(found) > CACHE_LIMIT:
-                cache.clear()
-            cache.update((sub, Principal(sub, company)) for sub, company in found.items())
+            notified = self._notified
+            companies = await self.store.companies_of(sorted(missing))
+            found = {sub: Principal(sub, company) for sub, company in companies.items()}
+            known.update(found)
+            if notified == self._notified:
+                _remember(self.user_cache, found)
         out: list[Principal | RequestError] = []
         for claims, auth0_id in asks:
-            who = cache.get(claims.sub)
+            who = known.get(claims.sub)
             if auth0_id is not None and auth0_id != claims.sub:
                 out.append(Forbidden("auth0Id in the payload differs from the token's subject"))
             elif who is None:
@@ -491,25 +496,34 @@ class Service:
         return [o if o is not None else Internal("no outcome") for o in outcomes]
 
     async def _session_facts(self, ids: set[str], *, fresh: bool) -> dict[str, SessionFacts]:
-        """Facts of the sessions ``ids`` (those that exist), from the cache unless ``fresh``."""
+        """Facts of the sessions ``ids`` (those that exist), from the cache unless ``fresh``.
+
+        What the cache holds is taken before the await: a notification arriving meanwhile (the
+        sweeper closing one of them) must not make a session look missing (NOT_FOUND).
+        """
         cache = self.session_cache
-        wanted = ids if fresh else {s for s in ids if s not in cache}
-        found = await self.store.session_facts(sorted(wanted)) if wanted else {}
-        if found:
-            if len(cache) + len(found) > CACHE_LIMIT:
-                cache.clear()
-            cache.update(found)
-        return {s: f for s in ids if (f := found.get(s) or cache.get(s)) is not None}
+        known = {} if fresh else {s: f for s in ids if (f := cache.get(s)) is not None}
+        wanted = ids - known.keys()
+        if wanted:
+            notified = self._notified
+            found = await self.store.session_facts(sorted(wanted))
+            known.update(found)
+            if notified == self._notified:  # else what was read may predate the change
+                _remember(cache, found)
+        return known
 
     def session_changed(self, session_id: str) -> None:
         """A notification: the session's admission facts changed elsewhere."""
+        self._notified += 1
         self.session_cache.pop(session_id, None)
 
     def user_changed(self, auth0_id: str) -> None:
+        self._notified += 1
         self.user_cache.pop(auth0_id, None)
 
     def forget_all(self) -> None:
         """Notifications may have been missed: trust nothing cached."""
+        self._notified += 1
         self.session_cache.clear()
         self.user_cache.clear()
 
@@ -711,6 +725,17 @@ def _void_data(void: Record, *, idempotent: bool) -> dict[str, Any]:
         },
         "idempotent": idempotent,
     }
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(cache: dict[K, V], entries: Mapping[K, V]) -> None:
+    """Add ``entries`` to a bounded cache (emptied when full)."""
+    if len(cache) + len(entries) > CACHE_LIMIT:
+        cache.clear()
+    cache.update(entries)
 
 
 def expiry_events(sessions: Sequence[Session], at: datetime) -> list[SessionEvent]:

@@ -203,6 +203,7 @@ class _Call:
     client_event_id: str | None = None
     retry_after_s: int | None = None  # when refused RATE_LIMITED
     read_at: float | None = None  # monotonic time the body was read
+    admitted: bool = False  # by the rate limit: a retry of the call is not charged again
 
     def echo(self) -> dict[str, Any]:
         """What every answer repeats of the request, as MQTT replies do (SPEC §2)."""
@@ -372,7 +373,7 @@ class HttpSidecar:
         held a call a minute or more: the work is left to finish or fail alone (a retry of a
         write is answered as a replay), while a slow upload is never cut short."""
         call = _call(request)
-        task = asyncio.ensure_future(handler(request))
+        task = asyncio.ensure_future(_retrying(request, handler))
         started = time.monotonic()
         while True:
             done, _ = await asyncio.wait({task}, timeout=ANSWER_DEADLINE_S)
@@ -422,7 +423,7 @@ class HttpSidecar:
         claims = self.verifier.verify(bearer_header(authorization_of(request)))
         _call(request).sub = claims.sub
         who = await self.service.principal(claims, auth0_id)
-        if self._limiter is not None:
+        if self._limiter is not None and not _call(request).admitted:
             wait = self._limiter.admit(who.sub, cost, time.monotonic())
             if wait > 0:
                 _call(request).retry_after_s = math.ceil(wait)
@@ -432,6 +433,7 @@ class HttpSidecar:
                     f"(GATEWAY_RATE_LIMIT_PER_S = {self._limiter.rate:g})",
                     {"retryAfterS": round(wait, 3)},
                 )
+            _call(request).admitted = True
         return who
 
     def _dead_letter(
@@ -632,6 +634,26 @@ async def _head_without_length(request: web.Request, handler: Handler) -> web.St
     bare = web.Response(status=response.status, reason=response.reason, headers=headers)
     bare.force_close()
     return bare
+
+
+TRANSIENT_RETRIES_S = (0.02, 0.05, 0.1, 0.2, 0.4)  # then 503 UNAVAILABLE
+
+
+async def _retrying(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The handler, run again after a short wait when the database failed it transiently (a
+    deadlock with a concurrent batch, a dropped connection): the MQTT pipeline retries such a
+    failure with its batch, and so does a REST call before it answers 503. A call whose commit
+    went through unseen is answered as a replay (or SESSION_CLOSED for a close) the second time,
+    as a device's retry would be."""
+    for wait in (*TRANSIENT_RETRIES_S, None):
+        try:
+            return await handler(request)
+        except StoreUnavailable as exc:
+            if wait is None:
+                raise
+            log.info("HTTP %s %s: %s; retrying in %.2f s", request.method, request.path, exc, wait)
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 MAX_HEADER_BYTES = 32_768

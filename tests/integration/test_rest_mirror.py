@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from gateway.app import Gateway
+from gateway.errors import StoreUnavailable
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
@@ -604,3 +605,39 @@ async def test_rest_bulk_failed_items_and_limits_leave_dead_letters(
     finally:
         await conn.close()
     assert [r["topic"] for r in others] == [f"HTTP POST {API}/records/bulk"]
+
+
+async def test_a_transient_database_failure_is_retried_not_answered_503(
+    rest: Rest, gateway: Gateway, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deadlock with a concurrent batch (seen under a race audit: a 503 in 40 ms with the
+    database up) fails one attempt: the call is run again and answered, stored once. A database
+    that stays away is still answered 503 UNAVAILABLE, after the short retries."""
+    status, opened, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    sid = opened["data"]["sessionId"]
+    store = gateway.store
+    assert store is not None
+    real = store.insert_records
+    failures = [StoreUnavailable("PostgreSQL unavailable: deadlock detected")]
+
+    async def deadlocked_once(*args: Any, **kwargs: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "insert_records", deadlocked_once)
+    rec = record(sessionId=sid)
+    status, created, _ = await rest.call("POST", "/records", rec)
+    assert (status, created["data"]["idempotent"]) == (201, False), created
+    assert failures == []  # the first attempt did fail
+
+    async def away(*_args: Any, **_kwargs: Any) -> Any:
+        raise StoreUnavailable("PostgreSQL unavailable: connection refused")
+
+    monkeypatch.setattr(store, "insert_records", away)
+    status, refused, headers = await rest.call("POST", "/records", record(sessionId=sid))
+    assert (status, refused["error"]["code"]) == (503, "UNAVAILABLE"), refused
+    assert headers["Retry-After"]
+    monkeypatch.setattr(store, "insert_records", real)
+    status, session, _ = await rest.call("GET", f"/sessions/{sid}")
+    assert session["data"]["totals"]["records"] == 1

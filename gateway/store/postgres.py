@@ -585,16 +585,21 @@ class PostgresStore:
         each is closed (and announced, in the same transaction) exactly once.
         """
         async with self._conn() as conn, conn.transaction():
+            # the rows are locked in session id order, as a batch of records locks them: in
+            # deadline order a sweep and a batch could each hold a session the other waits for
             rows = await conn.fetch(
-                f"""UPDATE production_sessions s
+                f"""WITH due AS (
+                        SELECT session_id FROM production_sessions
+                        WHERE status = 'open' AND expires_at <= $1
+                        ORDER BY session_id LIMIT $2
+                        FOR NO KEY UPDATE)
+                    UPDATE production_sessions s
                     SET status = 'closed', close_reason = 'expired', closed_at = s.expires_at,
                         version = s.version + 1, updated_at = now(),
                         state_tick = nextval('session_state_tick'),
         state_xid = pg_current_xact_id()::text::bigint
-                    WHERE s.session_id IN (
-                        SELECT session_id FROM production_sessions
-                        WHERE status = 'open' AND expires_at <= $1
-                        ORDER BY expires_at LIMIT $2)
+                    FROM due
+                    WHERE s.session_id = due.session_id
                       AND s.status = 'open' AND s.expires_at <= $1
                     RETURNING {_SESSION_COLUMNS}""",
                 now,

@@ -6,18 +6,20 @@ as the sweeper's NOTIFY did under a race audit (a record for an open session got
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 from gateway import service as service_module
 from gateway.core.auth import Claims
 from gateway.core.models import CreateRecord, OpenSession
 from gateway.core.rules import Limits, Principal
-from gateway.service import RecordAccepted, RecordRequest, Service
+from gateway.service import RecordAccepted, RecordRequest, Service, expiry_events
 from gateway.store.postgres import PostgresStore
 from tests.support.tenants import make_tenant, record
 
@@ -89,3 +91,48 @@ async def test_a_known_user_stays_known_when_the_cache_fills_or_is_notified(
     both = await service.principals([(x, None), (y, None)])
     assert all(isinstance(p, Principal) for p in both), both
     assert tenant.other_user not in service.user_cache  # read across a notification: not kept
+
+
+async def test_a_sweep_locks_sessions_in_the_order_record_batches_do(
+    store: PostgresStore, database: str
+) -> None:
+    """A batch of records locks its sessions in id order. A sweep that locked them in deadline
+    order could hold B while waiting for A as a batch holds A and waits for B: a deadlock (seen
+    under a race audit). Here a transaction holds A as a batch would, a sweep starts, then the
+    transaction takes B: no deadlock, and the sweep closes both once the transaction ends. The
+    deadlines lie ahead of the real clock (no other sweeper touches them); the sweep is told a
+    later now."""
+    tenant = await make_tenant(store, sectors=12)
+    service = Service(store, Limits())
+    who = Principal(tenant.user, tenant.company_id)
+    now = datetime.now(UTC)
+    opened: list[str] = []  # in the order written (a table scan meets them so)
+    for sector in (tenant.sector_id, *tenant.extra_sectors):
+        payload = OpenSession.model_validate(tenant.open_payload(sectorId=sector))
+        opened.append((await service.open_session(who, payload, now))["sessionId"])
+    # B written before A but after it in id order: any other order than the ids' meets B first
+    b, a = next((x, y) for i, x in enumerate(opened) for y in opened[i + 1 :] if x > y)
+    for other in set(opened) - {a, b}:
+        await service.close_session(who, other, now)
+    conn = await asyncpg.connect(database)
+    try:
+        # B is due first: a sweep in deadline order would lock B, then wait for A
+        for sid, minutes in ((a, 2), (b, 1)):
+            await conn.execute(
+                "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
+                sid,
+                now + timedelta(minutes=minutes),
+            )
+        lock = "SELECT 1 FROM production_sessions WHERE session_id = $1 FOR NO KEY UPDATE"
+        async with conn.transaction():
+            await conn.execute(lock, a)
+            sweep = asyncio.create_task(
+                store.expire_due(now + timedelta(minutes=3), lambda s: expiry_events(s, now))
+            )
+            await asyncio.sleep(0.5)  # the sweep is waiting for A by now
+            await conn.execute("SET LOCAL deadlock_timeout = '100ms'")
+            await conn.execute(lock, b)  # deadlock detected here (or in the sweep) before
+        swept = await asyncio.wait_for(sweep, 30)
+    finally:
+        await conn.close()
+    assert {s.session_id for s in swept} >= {a, b}

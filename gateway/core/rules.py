@@ -128,12 +128,16 @@ def admit_record(
 ) -> None:
     """May a new record with ``recorded_at``, arriving at ``arrival``, enter ``session``?
 
-    Open and not expired: yes. Closed or expired: only with a late-sync grace, when the record
-    was made inside the session's open window and arrives within the grace after it ended.
+    Open and not expired: yes, and so if it arrived before the deadline of a session the
+    sweeper closed as expired while the record waited its turn (SPEC §5: judged on arrival
+    time). Closed or expired: only with a late-sync grace, when the record was made inside the
+    session's open window and arrives within the grace after it ended.
     """
     refusal = refusal_for_closed(session, arrival)
     if refusal is None:
         return
+    if session.close_reason == "expired" and session.closed_at and arrival < session.closed_at:
+        return  # closed_at is the deadline
     if grace_s > 0:
         window_end = session.closed_at if session.status == "closed" else session.deadline
         if (

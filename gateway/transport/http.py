@@ -154,6 +154,12 @@ def www_authenticate(authorization: str | None) -> str:
     return "Bearer"
 
 
+def _arrival(request: web.Request) -> datetime:
+    """When the call arrived: what its rules are judged on (a deadline, the clock skew), the
+    same on a retry after a transient database failure as on the first attempt."""
+    return _call(request).at
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -501,7 +507,9 @@ class HttpSidecar:
 
     async def open_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
-        session = await self.service.open_session(who, validate(OpenSession, data), _now())
+        session = await self.service.open_session(
+            who, validate(OpenSession, data), _arrival(request)
+        )
         if session["idempotent"]:  # the owner's open session, as for a replayed record
             body = {"status": "success", "data": session}
             return self.answer(request, body, 200, **{"X-Idempotent-Replay": "true"})
@@ -509,7 +517,9 @@ class HttpSidecar:
 
     async def get_session(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
-        data = await self.service.get_session(who, path_id(request, "session_id"), _now())
+        data = await self.service.get_session(
+            who, path_id(request, "session_id"), _arrival(request)
+        )
         return self.answer(request, {"status": "success", "data": data})
 
     async def update_session(self, request: web.Request) -> web.Response:
@@ -517,14 +527,14 @@ class HttpSidecar:
         session_id = path_id(request, "session_id")
         cmd = validate(UpdateSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
-        out = await self.service.update_session(who, session_id, cmd, _now())
+        out = await self.service.update_session(who, session_id, cmd, _arrival(request))
         return self.answer(request, {"status": "success", "data": out})
 
     async def close_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         session_id = path_id(request, "session_id")
         same_id(validate(SessionCommand, data).sessionId, session_id, "sessionId")
-        out = await self.service.close_session(who, session_id, _now())
+        out = await self.service.close_session(who, session_id, _arrival(request))
         return self.answer(request, {"status": "success", "data": out})
 
     async def extend_session(self, request: web.Request) -> web.Response:
@@ -532,7 +542,7 @@ class HttpSidecar:
         session_id = path_id(request, "session_id")
         cmd = validate(ExtendSession, data)
         same_id(cmd.sessionId, session_id, "sessionId")
-        out = await self.service.extend_session(who, session_id, cmd, _now())
+        out = await self.service.extend_session(who, session_id, cmd, _arrival(request))
         return self.answer(request, {"status": "success", "data": out})
 
     async def create_record(self, request: web.Request) -> web.Response:
@@ -547,7 +557,7 @@ class HttpSidecar:
                 {"fields": [{"field": "sessionId", "message": "required"}]},
             )
         (outcome,) = await self.service.create_records(
-            [RecordRequest(who, cmd, cmd.sessionId, _now())]
+            [RecordRequest(who, cmd, cmd.sessionId, _arrival(request))]
         )
         if isinstance(outcome, RequestError):
             raise outcome
@@ -558,7 +568,7 @@ class HttpSidecar:
 
     async def bulk_records(self, request: web.Request) -> web.Response:
         data, who = await self.body(request, bulk=True)
-        bulk = await self.service.bulk_records(who, data, _now())
+        bulk = await self.service.bulk_records(who, data, _arrival(request))
         body = bulk.body()
         self._refuse_items(request, bulk)
         return self.answer(request, body, 207)
@@ -580,7 +590,7 @@ class HttpSidecar:
         record_id = path_id(request, "record_id")
         cmd = validate(VoidRecord, data)
         same_id(cmd.recordId, record_id, "recordId")
-        out = await self.service.void_record(who, record_id, cmd, _now())
+        out = await self.service.void_record(who, record_id, cmd, _arrival(request))
         headers = {"X-Idempotent-Replay": "true"} if out["idempotent"] else {}
         return self.answer(request, {"status": "success", "data": out}, 200, **headers)
 

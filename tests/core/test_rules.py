@@ -256,6 +256,10 @@ S = timedelta(seconds=1)
         pytest.param(
             EXPIRED, DEADLINE - H, DEADLINE + 700 * S, 600, SessionExpired, id="closed-expired-late"
         ),
+        # arrived before the deadline, decided after the sweeper closed it: judged on arrival
+        pytest.param(EXPIRED, DEADLINE - H, DEADLINE - S, 0, None, id="arrived-before-sweep"),
+        pytest.param(EXPIRED, DEADLINE - H, DEADLINE, 0, SessionExpired, id="arrived-at-deadline"),
+        pytest.param(CLOSED, CLOSED_AT - H, CLOSED_AT - S, 0, SessionClosed, id="closed-by-owner"),
     ],
 )
 def test_admit_record(

@@ -6,6 +6,12 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
+
+from gateway.core.models import CreateRecord, OpenSession
+from gateway.core.rules import Limits, Principal
+from gateway.errors import SessionExpired
+from gateway.service import RecordAccepted, RecordRequest, Service, expiry_events
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
@@ -56,3 +62,41 @@ async def test_without_grace_a_closed_session_takes_nothing(
     await device.request(f"sessions/{session_id}/close", {})
     reply = await device.request(f"sessions/{session_id}/records", made_now)
     assert reply["error"]["code"] == "SESSION_CLOSED"
+
+
+async def test_a_record_that_arrived_before_the_deadline_lands_after_the_sweep(
+    store: PostgresStore, database: str
+) -> None:
+    """Under load a record may wait its turn while the sweeper closes its session as expired
+    (closedAt = the deadline). It arrived while the session was open: judged on arrival time
+    (SPEC §5), it is stored, without any grace; one arriving at the deadline is refused."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = Principal(tenant.user, tenant.company_id)
+    now = datetime.now(UTC)
+    sid = (await service.open_session(who, OpenSession.model_validate(tenant.open_payload()), now))[
+        "sessionId"
+    ]
+    deadline = now + timedelta(minutes=1)  # ahead of the real clock: no other sweeper gets it
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(
+            "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1", sid, deadline
+        )
+    finally:
+        await conn.close()
+    service.session_changed(sid)
+    swept = await store.expire_due(deadline + timedelta(seconds=1), lambda s: expiry_events(s, now))
+    assert sid in {s.session_id for s in swept}
+
+    def create(arrival: datetime) -> RecordRequest:
+        cmd = CreateRecord.model_validate(record(recordedAtUtc=_at(now)))
+        return RecordRequest(who, cmd, sid, arrival)
+
+    early, late = await service.create_records(
+        [create(deadline - timedelta(milliseconds=1)), create(deadline)]
+    )
+    assert isinstance(early, RecordAccepted) and not early.idempotent, early
+    assert isinstance(late, SessionExpired), late
+    session = await service.get_session(who, sid)
+    assert session["status"] == "closed" and session["totals"]["records"] == 1

@@ -17,11 +17,11 @@ import pytest
 
 from gateway import service as service_module
 from gateway.core.auth import Claims
-from gateway.core.models import CreateRecord, OpenSession
+from gateway.core.models import CreateRecord
 from gateway.core.rules import Limits, Principal
 from gateway.service import RecordAccepted, RecordRequest, Service, expiry_events
 from gateway.store.postgres import PostgresStore
-from tests.support.tenants import make_tenant, record
+from tests.support.tenants import make_tenant, opened, record
 
 
 def during(
@@ -51,13 +51,10 @@ async def test_a_cached_session_notified_while_another_is_read_is_not_missing(
     are read, a notification drops A from the cache. Both records are accepted."""
     tenant = await make_tenant(store)
     service = Service(store, Limits())
-    who = Principal(tenant.user, tenant.company_id)
+    who = tenant.principal()
     now = datetime.now(UTC)
-    a = (await service.open_session(who, OpenSession.model_validate(tenant.open_payload()), now))[
-        "sessionId"
-    ]
-    b_payload = tenant.open_payload(sectorId=tenant.extra_sectors[0])
-    b = (await service.open_session(who, OpenSession.model_validate(b_payload), now))["sessionId"]
+    a = await opened(service, who, tenant.open_payload(), now)
+    b = await opened(service, who, tenant.open_payload(sectorId=tenant.extra_sectors[0]), now)
     assert accepted(await service.create_records([create(who, a)])) == [True]  # A now cached
     assert a in service.session_cache and b not in service.session_cache
     monkeypatch.setattr(
@@ -104,15 +101,15 @@ async def test_a_sweep_locks_sessions_in_the_order_record_batches_do(
     later now."""
     tenant = await make_tenant(store, sectors=12)
     service = Service(store, Limits())
-    who = Principal(tenant.user, tenant.company_id)
+    who = tenant.principal()
     now = datetime.now(UTC)
-    opened: list[str] = []  # in the order written (a table scan meets them so)
-    for sector in (tenant.sector_id, *tenant.extra_sectors):
-        payload = OpenSession.model_validate(tenant.open_payload(sectorId=sector))
-        opened.append((await service.open_session(who, payload, now))["sessionId"])
+    written = [  # in this order (a table scan meets them so)
+        await opened(service, who, tenant.open_payload(sectorId=sector), now)
+        for sector in (tenant.sector_id, *tenant.extra_sectors)
+    ]
     # B written before A but after it in id order: any other order than the ids' meets B first
-    b, a = next((x, y) for i, x in enumerate(opened) for y in opened[i + 1 :] if x > y)
-    for other in set(opened) - {a, b}:
+    b, a = next((x, y) for i, x in enumerate(written) for y in written[i + 1 :] if x > y)
+    for other in set(written) - {a, b}:
         await service.close_session(who, other, now)
     conn = await asyncpg.connect(database)
     try:

@@ -8,15 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from gateway.core.models import CreateRecord, OpenSession
-from gateway.core.rules import Limits, Principal
+from gateway.core.models import CreateRecord
+from gateway.core.rules import Limits
 from gateway.errors import SessionExpired
 from gateway.service import RecordAccepted, RecordRequest, Service, expiry_events
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
 from tests.support.servers import Servers
-from tests.support.tenants import make_tenant, record
+from tests.support.tenants import make_tenant, opened, record
 
 
 def _at(when: datetime) -> str:
@@ -72,11 +72,9 @@ async def test_a_record_that_arrived_before_the_deadline_lands_after_the_sweep(
     (SPEC §5), it is stored, without any grace; one arriving at the deadline is refused."""
     tenant = await make_tenant(store)
     service = Service(store, Limits())
-    who = Principal(tenant.user, tenant.company_id)
+    who = tenant.principal()
     now = datetime.now(UTC)
-    sid = (await service.open_session(who, OpenSession.model_validate(tenant.open_payload()), now))[
-        "sessionId"
-    ]
+    sid = await opened(service, who, tenant.open_payload(), now)
     deadline = now + timedelta(minutes=1)  # ahead of the real clock: no other sweeper gets it
     conn = await asyncpg.connect(database)
     try:

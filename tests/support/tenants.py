@@ -8,7 +8,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.core.auth import mint_token
+from gateway.core.models import OpenSession
+from gateway.core.rules import Principal
 from gateway.core.seedfile import SeedFile
+from gateway.service import Service
 from gateway.store.postgres import PostgresStore
 
 JWT_SECRET = "test-secret-0123456789abcdef0123456789abcdef"
@@ -33,6 +36,15 @@ class Tenant:
 
     def open_payload(self, **overrides: Any) -> dict[str, Any]:
         return {"projectId": self.project_id, "sectorId": self.sector_id, **overrides}
+
+    def principal(self, sub: str | None = None) -> Principal:
+        return Principal(sub or self.user, self.company_id)
+
+
+async def opened(service: Service, who: Principal, payload: dict[str, Any], at: datetime) -> str:
+    """The id of the session ``who`` opens (or gets back) with ``payload``, through the service."""
+    session = await service.open_session(who, OpenSession.model_validate(payload), at)
+    return str(session["sessionId"])
 
 
 def record(worker: str = "JS0315", event: str | None = None, **overrides: Any) -> dict[str, Any]:

@@ -409,12 +409,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", action="append", help="a session to record into (repeatable)")
     p.add_argument("--project", help="open sessions in this project (with --sector)")
     p.add_argument("--sector", action="append", help="a sector to open a session in")
-    p.add_argument("--devices", type=int, default=8)
-    p.add_argument("--records", type=int, default=10_000)
+    p.add_argument("--devices", type=int, default=8, help="simulated devices (default %(default)s)")
+    p.add_argument(
+        "--records", type=int, default=10_000, help="records in all (default %(default)s)"
+    )
     p.add_argument("--rate", type=float, default=0.0, help="records/s offered; 0 = saturate")
-    p.add_argument("--window", type=int, default=200, help="unanswered requests per device")
-    p.add_argument("--duplicates", type=float, default=0.0, help="share of records sent twice")
-    p.add_argument("--processes", type=int, default=1)
+    p.add_argument(
+        "--window",
+        type=int,
+        default=200,
+        help="unanswered requests per device (default %(default)s)",
+    )
+    p.add_argument(
+        "--duplicates", type=float, default=0.0, help="share of records sent twice, 0 to 1"
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="OS processes the devices are spread over (default %(default)s)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("token", help="mint an HS256 development token")

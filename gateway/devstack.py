@@ -119,17 +119,70 @@ def free_port(preferred: int | None = None) -> int:
     raise DevStackError("no free TCP port found on 127.0.0.1")
 
 
+def _socket_inodes(pid: int) -> set[str] | None:
+    """Inodes of the sockets process ``pid`` holds (Linux), None when that cannot be read."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    inodes = set()
+    for name in names:
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except OSError:  # closed meanwhile
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
+
+
+def _listening_inodes(port: int) -> set[str] | None:
+    """Inodes of the sockets listening on TCP ``port`` (Linux), None when that cannot be read."""
+    found: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                found.add(fields[9])
+    return found if readable else None
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Does process ``pid`` itself listen on ``port``? None when the system does not say."""
+    mine, listening = _socket_inodes(pid), _listening_inodes(port)
+    if mine is None or listening is None:
+        return None
+    return bool(mine & listening)
+
+
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    """Wait until ``proc`` listens on ``port``. Something else answering there (another
+    `gateway dev` that took the port a moment after we found it free) does not count."""
     deadline = time.monotonic() + timeout
+    taken = False
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise DevStackError(f"{what} exited with code {proc.returncode} while starting")
+            held = " (another process holds that port)" if taken or not port_free(port) else ""
+            raise DevStackError(
+                f"{what} exited with code {proc.returncode} while starting on "
+                f"127.0.0.1:{port}{held}"
+            )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.2)
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+                if listens_on(proc.pid, port) is not False:
+                    return
+                taken = True
         time.sleep(0.02)
-    raise DevStackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
+    held = ": another process holds that port" if taken else ""
+    raise DevStackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s{held}")
 
 
 def _service_user() -> str | None:
@@ -473,6 +526,10 @@ class MosquittoServer:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -20,7 +20,7 @@ import jwt
 import pytest
 
 from gateway.devmode import _start_racing
-from gateway.devstack import MosquittoServer, free_port, listens_beyond_loopback
+from gateway.devstack import MosquittoServer, listens_beyond_loopback, listens_on
 from gateway.errors import ConfigError
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.extra_helpers import (
@@ -358,16 +358,21 @@ async def test_a_port_taken_after_it_was_found_free_is_replaced(
 ) -> None:
     """Two `gateway dev` starting together: a port found free and then taken by the other
     process gets a free one instead of stopping the stack (broker, PostgreSQL, HTTP sidecar)."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = int(taken.getsockname()[1])
-        broker = MosquittoServer(tmp_path, tcp_port=port, ws_port=free_port())
+    with socket.socket() as taken, socket.socket() as taken_ws:
+        for s in (taken, taken_ws):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        port, ws_port = (int(s.getsockname()[1]) for s in (taken, taken_ws))
+        # both taken, as by another `gateway dev`: something answers on each, but not our broker
+        broker = MosquittoServer(tmp_path, tcp_port=port, ws_port=ws_port)
         try:
             _start_racing(broker, "tcp_port", "ws_port")
             assert broker.running
-            assert broker.tcp_port != port
+            assert (broker.tcp_port, broker.ws_port) != (port, ws_port)
             assert accepts(broker.tcp_port)
+            pid = broker.pid
+            assert pid is not None
+            assert listens_on(pid, broker.tcp_port) and listens_on(pid, broker.ws_port)
         finally:
             broker.stop()
         # a prefix of its own: a stopped gateway's persistent session would otherwise keep a

@@ -480,9 +480,10 @@ class HttpSidecar:
         return call.raw
 
     async def body(
-        self, request: web.Request, *, bulk: bool = False
+        self, request: web.Request, *, bulk: bool = False, record: bool = False
     ) -> tuple[dict[str, Any], Principal]:
-        """The JSON object body (envelope fields set aside) and the caller."""
+        """The JSON object body (envelope fields set aside) and the caller. For a ``record``,
+        its ``clientEventId`` is echoed by every answer, refusals of the token included."""
         raw = await self._read(request)
         if len(raw) > self.max_payload_bytes:
             raise PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
@@ -490,7 +491,10 @@ class HttpSidecar:
             raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
         )
         envelope = take_envelope(data)
-        _call(request).request_id = envelope.request_id
+        call = _call(request)
+        call.request_id = envelope.request_id
+        if record and isinstance(event_id := data.get("clientEventId"), str):
+            call.client_event_id = event_id
         envelope.check()
         cost = 1
         if bulk and isinstance(items := data.get("records"), list):
@@ -546,10 +550,7 @@ class HttpSidecar:
         return self.answer(request, {"status": "success", "data": out})
 
     async def create_record(self, request: web.Request) -> web.Response:
-        data, who = await self.body(request)
-        event_id = data.get("clientEventId")
-        if isinstance(event_id, str):
-            _call(request).client_event_id = event_id
+        data, who = await self.body(request, record=True)
         cmd = validate(CreateRecord, data)
         if cmd.sessionId is None:
             raise InvalidRequest(

@@ -397,6 +397,18 @@ async def test_rest_echoes_request_id_and_client_event_id(
     assert status == 400
     assert (refused["requestId"], refused["clientEventId"]) == ("r-bad", bad["clientEventId"])
     assert refused == await device.request(f"sessions/{sid}/records", bad)
+    # refused for who sent it (auth0Id not the token's user, no token): still echoed
+    other = record(sessionId=sid, requestId="r-who", auth0Id="someone-else")
+    status, refused, _ = await rest.call("POST", "/records", other)
+    assert (status, refused["error"]["code"]) == (403, "FORBIDDEN")
+    assert (refused["requestId"], refused["clientEventId"]) == ("r-who", other["clientEventId"])
+    assert refused == await device.request(f"sessions/{sid}/records", other)
+    anonymous = Rest(rest.http, rest.base, "")
+    anonymous.headers = {}
+    del other["auth0Id"]
+    status, refused, _ = await anonymous.call("POST", "/records", other)
+    assert (status, refused["error"]["code"]) == (401, "UNAUTHORIZED")
+    assert (refused["requestId"], refused["clientEventId"]) == ("r-who", other["clientEventId"])
     status, refused, _ = await rest.call("POST", "/sessions", {"requestId": "r-env", "auth0Id": 5})
     assert (status, refused["requestId"]) == (400, "r-env")
     status, refused, _ = await rest.call("POST", f"/sessions/{sid}/extend", {"requestId": "r-x"})

@@ -349,7 +349,9 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door
         raise InvalidRequest("payload contains NUL characters (\\u0000); text fields cannot")
     if not isinstance(data, dict):
-        raise InvalidRequest(f"payload must be a JSON object, got {json_type(data)}; see SPEC §4")
+        raise InvalidRequest(
+            f'payload must be a JSON object, got {json_type(data)}: send {{"field": value, ...}}'
+        )
     # Counting brackets is C-speed; only a payload that could be too deep gets walked.
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(data, max_depth):
         raise TooDeep(f"payload nests deeper than {max_depth} levels", data)

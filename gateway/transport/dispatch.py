@@ -253,7 +253,7 @@ class Dispatcher:
             if too_deep is not None:
                 raise too_deep
             if r.route is None:
-                raise InvalidRequest(f"{m.topic} is not a request topic; see SPEC §2")
+                raise InvalidRequest(f"{m.topic} is not a request topic (the README lists them)")
             r.envelope.check()
             r.claims = self.verifier.verify(
                 one_authorization(m.authorization, r.envelope.authorization)

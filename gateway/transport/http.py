@@ -259,7 +259,7 @@ def http_refusal(
         ), headers
     if isinstance(exc, web.HTTPNotFound):
         return NotFound(
-            f"no endpoint {method} {path}: the REST mirror is under {API}/ (SPEC §6)",
+            f"no endpoint {method} {path}: the REST mirror is under {API}/ (routes in the README)",
             {"method": method, "path": path},
         ), headers
     kind = _BY_STATUS.get(exc.status, InvalidRequest if exc.status < 500 else Internal)

@@ -606,7 +606,9 @@ def test_a_payload_that_is_no_object_is_named_in_json_terms(raw: bytes, named: s
     """ "got NoneType" / "got list" named Python's types to a device developer."""
     with pytest.raises(InvalidRequest) as info:
         decode_object(raw, max_bytes=1000, max_depth=16)
-    assert info.value.message == f"payload must be a JSON object, got {named}; see SPEC §4"
+    assert info.value.message == (
+        f'payload must be a JSON object, got {named}: send {{"field": value, ...}}'
+    )
 
 
 @pytest.mark.parametrize(

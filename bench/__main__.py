@@ -358,7 +358,7 @@ async def check_exact(dsn: str, sessions: list[str], run_id: str, summary: Fleet
     return f"{verdict}: {stored} stored / {distinct} distinct sent, {drift} sessions drifting"
 
 
-def report(runs: list[Run], args: argparse.Namespace) -> str:
+def report(runs: list[Run], args: argparse.Namespace, speed_ms: float) -> str:
     lines = []
     head = (
         f"{'responder':<9} {'records/s':>10} {'p50 ms':>7} {'p99 ms':>7} "
@@ -411,9 +411,24 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         0,
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}; {mode}, {args.devices} devices, "
-        f"{args.records} records per run\n",
+        f"{args.records} records per run\nhost speed: a fixed pure-Python loop takes "
+        f"{speed_ms:.0f} ms here (lower is faster; CPU per record scales with it)\n",
     )
     return "\n".join(lines)
+
+
+def host_speed_ms(rounds: int = 5) -> float:
+    """Milliseconds this host takes for a fixed pure-Python loop (best of ``rounds``), taken
+    before the stack starts: the same code's CPU per record moves with it from day to day
+    (neighbours on the VM's host), so figures of different days compare through it."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.process_time()
+        total = 0
+        for i in range(2_000_000):
+            total += i
+        best = min(best, time.process_time() - started)
+    return best * 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = ROOT / "results"
     log_dir.mkdir(exist_ok=True)
     runs = []
+    speed = host_speed_ms()
     try:
         with Stack(base, fsync=args.fsync) as stack:
             for name in names:
@@ -451,11 +467,14 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(measure(name, stack, args, log_dir))
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    text = report(runs, args)
+    text = report(runs, args, speed)
     print(text)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     (log_dir / f"bench-{stamp}.json").write_text(
-        json.dumps({"args": vars(args), "runs": [asdict(r) for r in runs]}, indent=2)
+        json.dumps(
+            {"args": vars(args), "host_speed_ms": speed, "runs": [asdict(r) for r in runs]},
+            indent=2,
+        )
     )
     (log_dir / f"bench-{stamp}.txt").write_text(text + "\n")
     bad = [r for r in runs if r.errors_or_unanswered()] or [

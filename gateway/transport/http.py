@@ -197,6 +197,19 @@ def error_response(
     )
 
 
+_PLACEHOLDER = re.compile(r"\{[^}:]+(?::([^}]+))?\}")
+
+
+def _template_pattern(canonical: str) -> tuple[re.Pattern[str], str]:
+    """A route template (``/sessions/{session_id}``) as a pattern over paths, with it."""
+    parts, at = [], 0
+    for m in _PLACEHOLDER.finditer(canonical):
+        parts += [re.escape(canonical[at : m.start()]), f"(?:{m.group(1) or '[^/]+'})"]
+        at = m.end()
+    parts.append(re.escape(canonical[at:]))
+    return re.compile("".join(parts)), canonical
+
+
 @dataclass(slots=True)
 class _Call:
     """What the sidecar learns of a request while serving it, for its answer and, if it is
@@ -313,6 +326,7 @@ class HttpSidecar:
         # GET .../records/bulk is a wrong method (405), not a record named bulk
         r.add_get(f"{API}/records/{{record_id:{RECORD_ID}}}", self.get_record)
         r.add_post(f"{API}/records/{{record_id}}/void", self.void_record)
+        self._templates = [_template_pattern(res.canonical) for res in r.resources()]
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -326,11 +340,22 @@ class HttpSidecar:
         self._counted(request, response.status)
         return response
 
-    def _counted(self, request: web.Request, status: int) -> None:
+    def _route_label(self, request: web.Request) -> str:
+        """The route template the request matched; a wrong method (405) matched none, but its
+        path names one."""
         resource = request.match_info.route.resource
+        if resource is not None:
+            return resource.canonical
+        path = request.path
+        for pattern, canonical in self._templates:
+            if pattern.fullmatch(path):
+                return canonical
+        return "unmatched"
+
+    def _counted(self, request: web.Request, status: int) -> None:
         labels = (
             ("method", request.method if request.method in METHODS else "other"),
-            ("route", resource.canonical if resource is not None else "unmatched"),
+            ("route", self._route_label(request)),
             ("status", str(status)),
         )
         self.metrics.inc_labels("gateway_http_requests_total", labels)

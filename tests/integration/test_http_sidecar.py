@@ -316,7 +316,8 @@ async def test_metrics_count_http_requests_by_route(
     route = "/api/control/production/sessions/{session_id}"
     by_id = f'{name}{{method="GET",route="{route}",status="404"}}'
     unmatched = f'{name}{{method="GET",route="unmatched",status="404"}}'
-    odd = f'{name}{{method="other",route="unmatched",status="405"}}'
+    odd = f'{name}{{method="other",route="/api/control/production/sessions",status="405"}}'
+    wrong = f'{name}{{method="DELETE",route="{route}",status="405"}}'
     before = await metric_samples(session, base)
     secret_id = f"sess{secrets.token_hex(8)}"
     async with session.get(
@@ -327,10 +328,13 @@ async def test_metrics_count_http_requests_by_route(
         assert resp.status == 404
     async with session.request("PROPFIND", f"{base}/api/control/production/sessions") as resp:
         assert resp.status == 405
+    async with session.delete(f"{base}/api/control/production/sessions/{secret_id}") as resp:
+        assert resp.status == 405  # a wrong method counts under its route, not "unmatched"
     after = await metric_samples(session, base)
     assert after[by_id] == before.get(by_id, 0) + 1
     assert after[unmatched] == before.get(unmatched, 0) + 1
     assert after[odd] == before.get(odd, 0) + 1
+    assert after[wrong] == before.get(wrong, 0) + 1
     assert after[f'{name}{{method="GET",route="/metrics",status="200"}}'] >= 1
     assert not [key for key in after if secret_id in key or "PROPFIND" in key]
 

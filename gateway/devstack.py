@@ -91,19 +91,28 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 _LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 (/proc/net)
 
 
-def listens_beyond_loopback(port: int) -> bool:
-    """Does some socket listen on ``port`` on an address other than loopback (Linux)?"""
+def _listeners() -> list[tuple[str, int, str]] | None:
+    """(address in hex, port, socket inode) of every listening TCP socket (Linux /proc/net),
+    None when the tables cannot be read."""
+    found: list[tuple[str, int, str]] = []
+    readable = False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
+        readable = True
         for line in lines:
             fields = line.split()
-            address, _, hex_port = fields[1].partition(":")
-            if fields[3] == "0A" and int(hex_port, 16) == port and address not in _LOOPBACK_HEX:
-                return True
-    return False
+            if fields[3] == "0A":  # LISTEN
+                address, _, hex_port = fields[1].partition(":")
+                found.append((address, int(hex_port, 16), fields[9]))
+    return found if readable else None
+
+
+def listens_beyond_loopback(port: int) -> bool:
+    """Does some socket listen on ``port`` on an address other than loopback (Linux)?"""
+    return any(p == port and address not in _LOOPBACK_HEX for address, p, _ in _listeners() or ())
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -137,29 +146,12 @@ def _socket_inodes(pid: int) -> set[str] | None:
     return inodes
 
 
-def _listening_inodes(port: int) -> set[str] | None:
-    """Inodes of the sockets listening on TCP ``port`` (Linux), None when that cannot be read."""
-    found: set[str] = set()
-    readable = False
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        readable = True
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
-                found.add(fields[9])
-    return found if readable else None
-
-
 def listens_on(pid: int, port: int) -> bool | None:
     """Does process ``pid`` itself listen on ``port``? None when the system does not say."""
-    mine, listening = _socket_inodes(pid), _listening_inodes(port)
+    mine, listening = _socket_inodes(pid), _listeners()
     if mine is None or listening is None:
         return None
-    return bool(mine & listening)
+    return any(p == port and inode in mine for _, p, inode in listening)
 
 
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NamedTuple, Self, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self, TypeVar
 
 import orjson
 from pydantic import (
@@ -81,7 +81,26 @@ Positive = Annotated[float, Field(strict=True, allow_inf_nan=False, gt=0)]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=False)
+    """A request's content. Unknown fields are left aside (devices may add their own) once
+    checked for slips of ours: a misspelt ``unit`` or ``pricePerunit`` ignored would quietly
+    give the default (1 unit, the project's price), and every unit is money."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
+    what_it_is: ClassVar[str] = "this request"
+
+    @model_validator(mode="after")
+    def _no_misspelled_fields(self) -> Self:
+        extra = self.__pydantic_extra__
+        if extra:
+            known = (*type(self).model_fields, *ENVELOPE_FIELDS)
+            for name in extra:
+                if name in known:  # an envelope field inside a bulk item
+                    continue
+                meant = near_miss(name, known, self.model_fields_set)
+                if meant is not None:
+                    raise MisspelledField(name, meant, self.what_it_is)
+            object.__setattr__(self, "__pydantic_extra__", {})  # checked: not kept
+        return self
 
 
 class Bonus(BaseModel):
@@ -101,6 +120,8 @@ class Bonus(BaseModel):
 
 
 class OpenSession(_Request):
+    what_it_is: ClassVar[str] = "a session open"
+
     projectId: Id
     openedAt: Instant | None = None
     sectorId: Id | None = None
@@ -127,6 +148,8 @@ class UpdateSession(_Request):
 
 
 class ExtendSession(_Request):
+    what_it_is: ClassVar[str] = "an extend"
+
     sessionId: Id | None = None
     maxDurationHours: Positive
 
@@ -140,8 +163,8 @@ class SessionCommand(_Request):
 class MisspelledField(ValueError):
     """An unknown field that looks like a known one: refused under its own name."""
 
-    def __init__(self, field: str, meant: str) -> None:
-        super().__init__(f"is not a field of a record; did you mean {meant}?")
+    def __init__(self, field: str, meant: str, what: str) -> None:
+        super().__init__(f"is not a field of {what}; did you mean {meant}?")
         self.field = field
 
 
@@ -160,8 +183,7 @@ def near_miss(name: str, known: Sequence[str], given: Collection[str]) -> str | 
 
 
 class CreateRecord(_Request):
-    # Unknown fields are left aside (devices may add their own) once checked for slips of ours.
-    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
+    what_it_is: ClassVar[str] = "a record"
 
     sessionId: Id | None = None
     workerId: Id
@@ -177,22 +199,6 @@ class CreateRecord(_Request):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return as_stored(value)  # 0.1 + 0.2 sent twice is one replay
-
-    @model_validator(mode="after")
-    def _no_misspelled_fields(self) -> Self:
-        extra = self.__pydantic_extra__
-        if extra:
-            for name in extra:
-                if name in RECORD_FIELDS:  # an envelope field inside a bulk item
-                    continue
-                meant = near_miss(name, RECORD_FIELDS, self.model_fields_set)
-                if meant is not None:
-                    raise MisspelledField(name, meant)
-            object.__setattr__(self, "__pydantic_extra__", {})  # checked: not kept
-        return self
-
-
-RECORD_FIELDS = (*CreateRecord.model_fields, *ENVELOPE_FIELDS)
 
 
 class RecordWithEnvelope(CreateRecord):
@@ -236,6 +242,8 @@ def parse_record_fast(raw: bytes) -> RecordWithEnvelope | None:
 
 
 class BulkRecords(_Request):
+    what_it_is: ClassVar[str] = "a bulk"
+
     records: list[Any]
 
 
@@ -244,6 +252,8 @@ class RecordCommand(_Request):
 
 
 class VoidRecord(RecordCommand):
+    what_it_is: ClassVar[str] = "a void"
+
     reason: Annotated[StrictStr, Field(min_length=1, max_length=NOTES_MAX)]
 
     @field_validator("reason")
@@ -255,6 +265,8 @@ class VoidRecord(RecordCommand):
 
 
 class CheckIdempotency(_Request):
+    what_it_is: ClassVar[str] = "a check"
+
     key: Annotated[StrictStr, Field(min_length=1, max_length=1024)]
 
 

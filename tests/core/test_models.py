@@ -8,10 +8,12 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import BaseModel
 
 from gateway.core.models import (
     EMPTY_ENVELOPE,
     Bonus,
+    BulkRecords,
     CheckIdempotency,
     CreateRecord,
     Envelope,
@@ -671,3 +673,30 @@ def test_other_unknown_record_fields_are_ignored(extra: str) -> None:
     field that is given too ("Units" next to "units"), are left aside."""
     assert validate(CreateRecord, record(**{extra: "x"})).units == record()["units"]
     assert parse_record_fast(orjson.dumps(record(**{extra: "x"}))) is not None
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "extra", "what", "meant"),
+    [
+        (OpenSession, {"projectId": "p"}, "pricePerunit", "a session open", "pricePerUnit"),
+        (OpenSession, {"projectId": "p"}, "maxDurationHour", "a session open", "maxDurationHours"),
+        (OpenSession, {"projectId": "p"}, "sector_id", "a session open", "sectorId"),
+        (OpenSession, {"projectId": "p"}, "Bonus", "a session open", "bonus"),
+        (ExtendSession, {"maxDurationHours": 20}, "sessionID", "an extend", "sessionId"),
+        (VoidRecord, {"reason": "typo"}, "record_id", "a void", "recordId"),
+        (CheckIdempotency, {"key": "k"}, "requestID", "a check", "requestId"),
+        (BulkRecords, {"records": []}, "auth0ID", "a bulk", "auth0Id"),
+    ],
+)
+def test_a_misspelled_field_of_any_request_is_refused_by_name(
+    model: type[BaseModel], payload: dict[str, Any], extra: str, what: str, meant: str
+) -> None:
+    """An open whose "pricePerunit" were left aside would pay the project's price: a slip of
+    one of a request's own fields (or of an envelope field) is refused, not ignored."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(model, payload | {extra: 7})
+    assert info.value.details["fields"] == [
+        {"field": extra, "message": f"is not a field of {what}; did you mean {meant}?"}
+    ]
+    mine = {"orderId": 7, "shift": "night"}  # a device's own fields are still left aside
+    assert validate(model, payload | mine).model_dump() == validate(model, payload).model_dump()

@@ -193,6 +193,25 @@ async def test_given_settings_override_the_project_defaults(device: Device, tena
         assert got[field] == data[field], field
 
 
+async def test_a_misspelled_setting_is_refused_not_replaced_by_the_default(
+    device: Device, tenant: Tenant
+) -> None:
+    """ "pricePerunit": 9 left aside would open at the project's price: it is refused by name
+    and nothing opens; a device's own extra field is left aside."""
+    reply = await device.request("sessions/open", tenant.open_payload(pricePerunit=9))
+    assert reply["status"] == "error", reply
+    assert reply["error"]["code"] == "VALIDATION_ERROR"
+    assert reply["error"]["details"]["fields"] == [
+        {
+            "field": "pricePerunit",
+            "message": "is not a field of a session open; did you mean pricePerUnit?",
+        }
+    ]
+    data = success(await device.request("sessions/open", tenant.open_payload(orderId="o-7")))
+    assert data["idempotent"] is False  # the refused open opened nothing
+    assert "orderId" not in data
+
+
 async def test_max_duration_hours_is_bounded(device: Device, tenant: Tenant) -> None:
     """maxDurationHours over GATEWAY_MAX_SESSION_HOURS: VALIDATION_ERROR; the bound is fine."""
     reply = await device.request(

@@ -589,7 +589,7 @@ class Service:
             return []
         by_client, by_idem = await self.store.existing_records(
             [
-                (reqs[i].session_id, reqs[i].cmd.workerId, reqs[i].cmd.clientEventId)
+                (reqs[i].session_id, f"{reqs[i].cmd.workerId}:{reqs[i].cmd.clientEventId}")
                 for i in unresolved
             ],
             [
@@ -601,7 +601,7 @@ class Service:
         retry: list[int] = []
         for i in unresolved:
             r = reqs[i]
-            client = by_client.get((r.session_id, r.cmd.workerId, r.cmd.clientEventId))
+            client = by_client.get((r.session_id, f"{r.cmd.workerId}:{r.cmd.clientEventId}"))
             idem = (
                 by_idem.get((r.who.company_id, r.cmd.idempotencyKey))
                 if r.cmd.idempotencyKey is not None

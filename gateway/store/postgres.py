@@ -719,31 +719,31 @@ class PostgresStore:
 
     async def existing_records(
         self,
-        client_keys: Sequence[tuple[str, str, str]],
+        client_keys: Sequence[tuple[str, str]],
         idempotency_keys: Sequence[tuple[str, str]],
-    ) -> tuple[dict[tuple[str, str, str], Record], dict[tuple[str, str], Record]]:
-        """Stored records by (session, worker, clientEventId) and by (company, idempotencyKey)."""
+    ) -> tuple[dict[tuple[str, str], Record], dict[tuple[str, str], Record]]:
+        """Stored records by client key, as (session, "workerId:clientEventId") (the unique
+        index's own terms, see migration 003), and by (company, idempotencyKey)."""
         async with self._hot_conn() as conn:
             rows = await conn.fetch(
                 f"""SELECT {_RECORD_COLUMNS} FROM production_records
-                    WHERE (session_id, worker_id, client_event_id) IN (
-                        SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+                    WHERE (session_id, worker_id || ':' || client_event_id) IN (
+                        SELECT * FROM unnest($1::text[], $2::text[]))
                     UNION
                     SELECT {_RECORD_COLUMNS} FROM production_records
                     WHERE (company_id, idempotency_key) IN (
-                        SELECT * FROM unnest($4::text[], $5::text[]))""",
+                        SELECT * FROM unnest($3::text[], $4::text[]))""",
                 [k[0] for k in client_keys],
                 [k[1] for k in client_keys],
-                [k[2] for k in client_keys],
                 [k[0] for k in idempotency_keys],
                 [k[1] for k in idempotency_keys],
             )
-        by_client: dict[tuple[str, str, str], Record] = {}
+        by_client: dict[tuple[str, str], Record] = {}
         by_idem: dict[tuple[str, str], Record] = {}
         for row in rows:
             rec = _record(row)
             if rec.client_event_id is not None:
-                by_client[(rec.session_id, rec.worker_id, rec.client_event_id)] = rec
+                by_client[(rec.session_id, f"{rec.worker_id}:{rec.client_event_id}")] = rec
             if rec.idempotency_key is not None:
                 by_idem[(rec.company_id, rec.idempotency_key)] = rec
         return by_client, by_idem

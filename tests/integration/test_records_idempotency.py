@@ -227,6 +227,25 @@ async def test_an_idempotency_key_shaped_like_another_records_key_is_refused(
     assert success(await device.request("records/check-idempotency", {"key": own}))["exists"]
 
 
+async def test_the_client_key_is_unique_as_spelled_with_colons_inside_ids(
+    device: Device, session_id: str, database: str
+) -> None:
+    """Worker 'a:b' with event 'c' and worker 'a' with event 'b:c' spell one key,
+    client:{session}:a:b:c: the second is a conflict, so the check names one record only
+    (a device told "stored" must not drop a count that never was)."""
+    tag = secrets.token_hex(3)
+    original = record(worker=f"{tag}:b", event="c", units=2)
+    first = success(await device.request(f"sessions/{session_id}/records", original))
+    reply = await device.request(
+        f"sessions/{session_id}/records", record(worker=tag, event="b:c", units=9)
+    )
+    assert conflict(reply)["details"]["key"] == f"client:{session_id}:{tag}:b:c", reply
+    rows = await ledger(database, session_id)
+    assert [r["record_id"] for r in rows] == [first["recordId"]]
+    again = success(await device.request(f"sessions/{session_id}/records", original))
+    assert (again["recordId"], again["idempotent"]) == (first["recordId"], True)
+
+
 async def test_idempotency_key_is_unique_per_company_not_per_session(
     device: Device, tenant: Tenant, session_id: str, database: str
 ) -> None:

@@ -89,6 +89,7 @@ class RecordRequest(NamedTuple):
             recorded_at=c.recordedAtUtc,
             client_event_id=c.clientEventId,
             idempotency_key=c.idempotencyKey,
+            owner=self.who.sub,
         )
 
 

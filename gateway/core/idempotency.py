@@ -61,6 +61,7 @@ class RecordContent:
     recorded_at: datetime
     client_event_id: str
     idempotency_key: str | None
+    owner: str = ""  # the session owner (stored) or the caller (incoming)
     record_id: str | None = None  # set on stored records
 
 
@@ -82,7 +83,10 @@ def resolve_existing(
     """The stored record ``incoming`` replays, None if it is new, or IdempotencyConflict.
 
     A client key match must have the same content. An ``idempotencyKey`` match names its
-    record: it must be the same record (or the same content in the same session).
+    record: the same content (SPEC §5: workerId, worker_name, units, recordedAtUtc and the key)
+    replays it, from another session of the same owner too (a backlog re-sent into the next
+    session is stored once); the same key in another user's session is a conflict, never
+    their record.
     """
     if by_client_key is None and by_idempotency_key is None:
         return None
@@ -98,7 +102,8 @@ def resolve_existing(
     stored = by_client_key or by_idempotency_key
     if stored is None:  # pragma: no cover - excluded above
         return None
-    if stored.session_id != incoming.session_id or not same_content(stored, incoming):
+    foreign = stored.session_id != incoming.session_id and stored.owner != incoming.owner
+    if foreign or not same_content(stored, incoming):
         key = (
             client_key(incoming.session_id, incoming.worker_id, incoming.client_event_id)
             if by_client_key is not None
@@ -118,7 +123,7 @@ def resolve_existing(
 
 def differing_fields(stored: RecordContent, incoming: RecordContent) -> list[str]:
     names = []
-    if stored.session_id != incoming.session_id:
+    if stored.session_id != incoming.session_id and stored.owner != incoming.owner:
         names.append("sessionId")
     if stored.worker_id != incoming.worker_id:
         names.append("workerId")

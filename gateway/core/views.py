@@ -79,6 +79,7 @@ class Record:
             recorded_at=self.recorded_at,
             client_event_id=self.client_event_id or "",
             idempotency_key=self.idempotency_key,
+            owner=self.owner,
             record_id=self.record_id,
         )
 

@@ -183,10 +183,22 @@ def test_resolve_idempotency_key_replay_in_the_same_session() -> None:
     assert resolve_existing(incoming, None, stored) is stored
 
 
-def test_resolve_idempotency_key_used_in_another_session() -> None:
-    """An idempotencyKey already stored in another session of the company is a conflict."""
-    stored = replace(STORED, session_id="other_session", idempotency_key="k1")
-    incoming = replace(INCOMING, idempotency_key="k1")
+def test_resolve_idempotency_key_replay_from_another_session_of_the_owner() -> None:
+    """Same content (SPEC §5 lists no sessionId in it) from the owner's next session replays
+    the stored record: a backlog re-sent into a new session is stored once."""
+    stored = replace(STORED, session_id="other_session", idempotency_key="k1", owner="u1")
+    incoming = replace(INCOMING, client_event_id="evt_again", idempotency_key="k1", owner="u1")
+    assert resolve_existing(incoming, None, stored) is stored
+    with pytest.raises(IdempotencyConflict) as info:
+        resolve_existing(replace(incoming, units=6), None, stored)
+    assert info.value.details["fields"] == ["units"]
+
+
+def test_resolve_idempotency_key_used_in_another_users_session() -> None:
+    """An idempotencyKey already stored in a colleague's session is a conflict, whatever the
+    content: their record is never answered to someone else."""
+    stored = replace(STORED, session_id="other_session", idempotency_key="k1", owner="u2")
+    incoming = replace(INCOMING, idempotency_key="k1", owner="u1")
     with pytest.raises(IdempotencyConflict) as info:
         resolve_existing(incoming, None, stored)
     assert info.value.details["key"] == "k1"

@@ -269,6 +269,18 @@ async def test_idempotency_key_is_unique_per_company_not_per_session(
     )
     assert [r["record_id"] for r in rows] == [first["recordId"]]
     assert await ledger(database, other_session) == []
+    # the same content (a new clientEventId) re-sent into the owner's other session is the
+    # stored record: SPEC §5's "same content" has no sessionId in it
+    same = record(units=3, idempotencyKey=f"{key}-b")
+    stored = success(await device.request(f"sessions/{session_id}/records", same))
+    replay = success(
+        await device.request(
+            f"sessions/{other_session}/records", {**same, "clientEventId": "evt_resend_1"}
+        )
+    )
+    assert (replay["recordId"], replay["idempotent"]) == (stored["recordId"], True)
+    assert replay["payloadPreview"]["sessionId"] == session_id
+    assert await ledger(database, other_session) == []
 
 
 async def test_idempotency_key_of_another_company_is_independent(

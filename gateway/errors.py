@@ -137,9 +137,7 @@ def as_request_error(exc: BaseException) -> RequestError:
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
-    """The ``error`` object of an error reply."""
+    """The ``error`` object of an error reply: ``details`` always there (SPEC §4's envelope),
+    empty when the code and message say it all."""
     err = as_request_error(exc)
-    body: dict[str, Any] = {"code": err.code, "message": err.message}
-    if err.details:
-        body["details"] = err.details
-    return body
+    return {"code": err.code, "message": err.message, "details": err.details or {}}

@@ -187,7 +187,7 @@ class Bulk:
         result = self.results[i]
         if isinstance(outcome, RequestError):
             result["status"] = "failed"
-            result["error"] = error_body(outcome)
+            result["error"] = _bulk_item_error(i, error_body(outcome))
         else:
             result["status"] = "duplicated" if outcome.idempotent else "ok"
             result["recordId"] = outcome.record_id
@@ -211,6 +211,24 @@ class Bulk:
                 result["error"] = error_body(RuntimeError("no outcome"))
             summary[result["status"]] += 1
         return {"status": "success", "results": self.results, "summary": summary}
+
+
+def _bulk_item_error(i: int, error: dict[str, Any]) -> dict[str, Any]:
+    """Field paths in a bulk item's error name the item (``records[4].units``), whichever
+    check (the schema, or a rule such as the clock skew) found the fault."""
+    fields = error["details"].get("fields")
+    if not isinstance(fields, list):
+        return error
+    prefix = f"records[{i}]."
+    named = [
+        {**f, "field": prefix + f["field"]}
+        if isinstance(f, dict)
+        and isinstance(f.get("field"), str)
+        and not f["field"].startswith("records[")
+        else f
+        for f in fields
+    ]
+    return {**error, "details": {**error["details"], "fields": named}}
 
 
 def utcnow() -> datetime:

@@ -367,7 +367,7 @@ DEFS: dict[str, Schema] = {
     },
     "error": {
         "type": "object",
-        "required": ["code", "message"],
+        "required": ["code", "message", "details"],
         "properties": {
             "code": {"enum": list(ERROR_CODES)},
             "message": {"type": "string"},

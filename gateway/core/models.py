@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self, TypeVar
 
 import orjson
@@ -42,7 +42,7 @@ def _parse_instant(value: object) -> datetime:
     if not isinstance(value, str):
         raise ValueError("must be an ISO 8601 date-time string such as 2025-10-19T14:30:00.000Z")
     text = value.strip().upper()  # RFC 3339 §5.6 allows a lowercase "t" and "z"
-    if "T" not in text and " " not in text:
+    if "T" not in text and " " not in text and _is_date(text):
         raise ValueError("must include a time, e.g. 2025-10-19T14:30:00.000Z")
     try:
         parsed = datetime.fromisoformat(text)
@@ -54,6 +54,14 @@ def _parse_instant(value: object) -> datetime:
     # Milliseconds, as every reply writes it: a device that sends back what it was shown
     # (...00.123Z for ...00.1234Z) sends the same instant, not a conflicting one.
     return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+
+
+def _is_date(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def as_stored(value: float) -> float:

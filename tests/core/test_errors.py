@@ -85,11 +85,14 @@ def test_error_body(cls: type[RequestError], code: str, status: int) -> None:
 
 
 def test_error_body_without_details() -> None:
-    """Without details the error object has no details key."""
+    """Without details the error object still has SPEC §4's details, empty: clients read
+    error.details without checking for it."""
     assert error_body(NotFound("record rec_1 not found")) == {
         "code": "NOT_FOUND",
         "message": "record rec_1 not found",
+        "details": {},
     }
+    assert error_body(RuntimeError("boom"))["details"] == {}
 
 
 @pytest.mark.parametrize(

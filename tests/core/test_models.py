@@ -394,6 +394,21 @@ def test_recorded_at_refused(value: object) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ("2025-10-19", "must include a time"),
+        ("garbage", "must be an ISO 8601 date-time"),
+        ("yesterday", "must be an ISO 8601 date-time"),
+    ],
+)
+def test_recorded_at_refusal_says_what_is_wrong(value: str, says: str) -> None:
+    """A date without its time is told so; text that is no date at all is not."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(CreateRecord, record(recordedAtUtc=value))
+    assert says in info.value.message
+
+
+@pytest.mark.parametrize(
     "text", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "0001-01-01T00:30:00+14:00"]
 )
 def test_recorded_at_out_of_range_is_a_validation_error(text: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -344,6 +345,27 @@ async def test_a_misspelled_field_is_refused_alone_and_in_a_bulk(
     assert bulk["results"][1]["error"]["details"]["fields"][0]["field"] == "records[1].Units"
     _, records, _, _ = await ledger(database, session_id)
     assert records == 1
+
+
+async def test_bulk_errors_name_the_item_whichever_check_refused_it(
+    device: Device, session_id: str
+) -> None:
+    """A field path in a bulk item's error carries the item's index, from the schema
+    (units < 0) as from the rules (clock skew, GATEWAY_MAX_UNITS)."""
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    items = [
+        record(sessionId=session_id),
+        record(sessionId=session_id, units=-1),
+        record(sessionId=session_id, recordedAtUtc=future),
+        record(sessionId=session_id, units=10**9),
+    ]
+    bulk = await device.request("records/bulk", {"records": items})
+    results = bulk["results"]
+    assert [r["status"] for r in results] == ["ok", "failed", "failed", "failed"], bulk
+    fields = [[f["field"] for f in r["error"]["details"]["fields"]] for r in results[1:]]
+    assert fields == [["records[1].units"], ["records[2].recordedAtUtc"], ["records[3].units"]]
+    alone = await device.request(f"sessions/{session_id}/records", items[2])
+    assert alone["error"]["details"]["fields"][0]["field"] == "recordedAtUtc", alone
 
 
 def without_units(**fields: Any) -> dict[str, Any]:

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     max_payload_bytes: int = Field(default=262_144, ge=1024, le=268_435_455)
     max_json_depth: int = Field(default=16, ge=2, le=512)
     max_bulk: int = Field(default=1_000, ge=1, le=100_000)
-    max_units: float = Field(default=100_000, gt=0)
+    # finite and far below float overflow: a session's totals sum up to a million of them
+    max_units: float = Field(default=100_000, gt=0, le=1e12, allow_inf_nan=False)
     max_session_hours: float = Field(default=48, gt=0, le=24 * 366)
     late_sync_grace_s: int = Field(default=0, ge=0)
     clock_skew_s: int = Field(default=300, ge=0)
@@ -125,10 +126,29 @@ class Settings(BaseSettings):
     @field_validator("topic_prefix")
     @classmethod
     def _check_prefix(cls, value: str) -> str:
-        value = value.strip("/")
         if not value or any(c in value for c in "+#\x00") or value.startswith("$"):
             raise ValueError("must be a plain topic path such as hydrobit/v2 (no + # or $)")
+        if "" in value.split("/"):
+            raise ValueError(
+                f"{value!r} has an empty topic level (a leading, trailing or double /): "
+                "write it as devices do, such as hydrobit/v2"
+            )
         return value
+
+    @field_validator(
+        "jwt_secret",
+        "jwt_jwks",
+        "jwt_audience",
+        "jwt_issuer",
+        "mqtt_username",
+        "mqtt_password",
+        "mqtt_ca_file",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """VAR= (as compose writes an unset ${VAR:-}) means not set, not an empty key."""
+        return None if value == "" else value
 
     @field_validator("share_group")
     @classmethod

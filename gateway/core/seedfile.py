@@ -6,7 +6,13 @@ from typing import Annotated
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from gateway.core.models import MONEY_MAX, Bonus, Id, Name, validation_error
 from gateway.core.rules import zone
@@ -58,6 +64,23 @@ class SeedFile(_Seed):
     users: list[SeedUser] = []
     projects: list[SeedProject] = []
 
+    def duplicate_ids(self) -> str | None:
+        """What appears twice (a second entry would silently overwrite the first), or None."""
+        named: list[tuple[str, list[str]]] = [
+            ("companyId", [c.companyId for c in self.companies]),
+            ("auth0Id", [u.auth0Id for u in self.users]),
+            ("projectId", [p.projectId for p in self.projects]),
+        ]
+        named += [
+            (f"sectorId of project {p.projectId}", [s.sectorId for s in p.sectors])
+            for p in self.projects
+        ]
+        for what, ids in named:
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            if twice:
+                return f"{what} {', '.join(twice)} appears more than once: keep one entry"
+        return None
+
     def company_references(self) -> dict[str, str]:
         """Companies named by users and projects but not defined in this file (what -> company).
 
@@ -78,6 +101,9 @@ def parse_seed(text: str, *, name: str = "seed") -> SeedFile:
     if not isinstance(data, dict):
         raise InvalidRequest(f"{name}: expected a mapping with companies, users and projects")
     try:
-        return SeedFile.model_validate(data)
+        seed = SeedFile.model_validate(data)
     except ValidationError as exc:
         raise validation_error(exc, prefix=f"{name}: ", what="seed file") from None
+    if (twice := seed.duplicate_ids()) is not None:
+        raise InvalidRequest(f"{name}: {twice}")
+    return seed

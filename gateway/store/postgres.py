@@ -796,6 +796,25 @@ class PostgresStore:
                         "in the database; add it under companies:",
                         {"missing": sorted(set(missing.values()))},
                     )
+            moved = await conn.fetch(
+                """SELECT p.project_id, p.company_id, f.company_id AS wanted
+                   FROM projects p
+                   JOIN unnest($1::text[], $2::text[]) AS f(project_id, company_id)
+                     USING (project_id)
+                   WHERE p.company_id <> f.company_id
+                   ORDER BY p.project_id""",
+                [p.projectId for p in seed.projects],
+                [p.companyId for p in seed.projects],
+            )
+            if moved:
+                m = moved[0]
+                raise InvalidRequest(
+                    f"project {m['project_id']} belongs to company {m['company_id']}, not "
+                    f"{m['wanted']}: a project never moves to another company (its sessions "
+                    "and records stay with it); give the other company's project its own "
+                    "projectId",
+                    {"projects": [r["project_id"] for r in moved]},
+                )
             for c in seed.companies:
                 await conn.execute(
                     """INSERT INTO companies (company_id, name) VALUES ($1, $2)

@@ -53,8 +53,21 @@ def test_the_secrets_are_required_and_the_share_group_is_one_of_them() -> None:
     """The public default share group would let any device take requests (mosquitto/README):
     compose refuses to start without a group of the deployment's own, as without its secrets."""
     env = services()["gateway"]["environment"]
-    for name in ("GATEWAY_SHARE_GROUP", "GATEWAY_JWT_SECRET", "GATEWAY_MQTT_PASSWORD"):
+    for name in ("GATEWAY_SHARE_GROUP", "GATEWAY_MQTT_PASSWORD"):
         assert str(env[name]).startswith(f"${{{name}:?"), name
+
+
+def test_either_token_key_passes_through() -> None:
+    """SPEC §3: a secret and/or a JWKS; compose passes both (and the audience and issuer) from
+    the environment, and an unset one arrives empty, which the gateway reads as unset."""
+    env = services()["gateway"]["environment"]
+    for name in (
+        "GATEWAY_JWT_SECRET",
+        "GATEWAY_JWT_JWKS",
+        "GATEWAY_JWT_AUDIENCE",
+        "GATEWAY_JWT_ISSUER",
+    ):
+        assert env[name] == f"${{{name}:-}}", name
 
 
 def test_clear_text_ports_are_published_on_loopback_only() -> None:

@@ -65,7 +65,10 @@ def test_settings_are_frozen() -> None:
     ("var", "value", "attr", "expected"),
     [
         ("GATEWAY_MQTT_URL", "ws://broker:9001/mqtt", "mqtt_url", "ws://broker:9001/mqtt"),
-        ("GATEWAY_TOPIC_PREFIX", "/acme/v3/", "topic_prefix", "acme/v3"),
+        ("GATEWAY_TOPIC_PREFIX", "acme/v3", "topic_prefix", "acme/v3"),
+        ("GATEWAY_JWT_AUDIENCE", "", "jwt_audience", None),  # VAR= is unset
+        ("GATEWAY_JWT_JWKS", "", "jwt_jwks", None),
+        ("GATEWAY_MAX_UNITS", "1e12", "max_units", 1e12),
         ("GATEWAY_SHARE_GROUP", "gw-blue", "share_group", "gw-blue"),
         ("GATEWAY_MQTT_CLIENT_ID", "gw-replica-2", "mqtt_client_id", "gw-replica-2"),
         ("GATEWAY_MAX_BULK", "50", "max_bulk", 50),
@@ -109,6 +112,11 @@ def test_env_overrides(
         ("GATEWAY_TOPIC_PREFIX", "hydrobit/#"),
         ("GATEWAY_TOPIC_PREFIX", "$SYS/hydrobit"),
         ("GATEWAY_TOPIC_PREFIX", "/"),
+        ("GATEWAY_TOPIC_PREFIX", "/acme/v3/"),
+        ("GATEWAY_TOPIC_PREFIX", "acme//v3"),
+        ("GATEWAY_MAX_UNITS", "inf"),
+        ("GATEWAY_MAX_UNITS", "nan"),
+        ("GATEWAY_MAX_UNITS", "1e308"),
         ("GATEWAY_SHARE_GROUP", "a/b"),
         ("GATEWAY_SHARE_GROUP", "g+"),
         ("GATEWAY_LOG_LEVEL", "LOUD"),
@@ -272,3 +280,13 @@ def test_the_broker_limit_named_is_the_one_configured() -> None:
         lines = (root / conf).read_text().splitlines()
         limits = [ln.split()[1] for ln in lines if ln.startswith("message_size_limit ")]
         assert limits == [str(BROKER_MESSAGE_SIZE_LIMIT)], conf
+
+
+def test_an_empty_secret_beside_a_jwks_is_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GATEWAY_JWT_SECRET= (compose's ${GATEWAY_JWT_SECRET:-}) beside a JWKS is no secret,
+    not a too-short one."""
+    monkeypatch.setenv("GATEWAY_JWT_SECRET", "")
+    monkeypatch.setenv("GATEWAY_JWT_JWKS", "/etc/hydrobit/jwks.json")
+    s = load_settings()
+    assert (s.jwt_secret, s.jwt_jwks) == (None, "/etc/hydrobit/jwks.json")
+    s.require_jwt_keys()

@@ -170,3 +170,25 @@ def test_unreadable_files(text: str, name: str) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_seed(text, name=name)
     assert name in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("section", "named"),
+    [
+        (("companies",), "companyId comp_12345"),
+        (("users",), "auth0Id user_123456789"),
+        (("projects",), "projectId proj_123"),
+        (("projects", 0, "sectors"), "sectorId of project proj_123 sector_001"),
+    ],
+)
+def test_an_id_given_twice_is_refused(section: tuple[Any, ...], named: str) -> None:
+    """A second entry with the same id would silently overwrite the first: refused, named."""
+    data: dict[str, Any] = json.loads(json.dumps(SPEC_DATA))
+    node: Any = data
+    for step in section:
+        node = node[step]
+    node.append({**node[0]})
+    with pytest.raises(InvalidRequest) as info:
+        parse_seed(json.dumps(data), name="seed.json")
+    assert named in info.value.message
+    assert "more than once" in info.value.message

@@ -11,6 +11,7 @@ from gateway.core.seedfile import SeedFile
 from gateway.errors import ConfigError, InvalidRequest
 from gateway.store.postgres import PostgresStore
 from tests.conftest import gateway_settings
+from tests.support.extra_helpers import fetchval
 from tests.support.servers import Servers
 from tests.support.tenants import make_tenant
 
@@ -48,3 +49,36 @@ async def test_gateway_refuses_an_unmigrated_database(servers: Servers) -> None:
     with pytest.raises(ConfigError) as info:
         await Gateway(settings).run()
     assert "gateway migrate" in str(info.value)
+
+
+async def test_a_project_never_moves_to_another_company(
+    store: PostgresStore, database: str
+) -> None:
+    """A second tenant's file reusing a projectId is refused, not a takeover: the project,
+    its name and its price stay as they were, and nothing of that file is written."""
+    tenant = await make_tenant(store)
+    other = f"comp_{secrets.token_hex(4)}"
+    hijack = SeedFile.model_validate(
+        {
+            "companies": [{"companyId": other, "name": "Other Farms"}],
+            "projects": [
+                {
+                    "projectId": tenant.project_id,
+                    "companyId": other,
+                    "name": "Hijack",
+                    "timezone": "UTC",
+                }
+            ],
+        }
+    )
+    with pytest.raises(InvalidRequest) as info:
+        await store.seed(hijack)
+    assert tenant.project_id in info.value.message
+    assert tenant.company_id in info.value.message
+    project = await store.project(tenant.project_id)
+    assert project is not None
+    assert (project.company_id, project.name) != (other, "Hijack")
+    assert project.company_id == tenant.company_id
+    assert (
+        await fetchval(database, "SELECT count(*) FROM companies WHERE company_id = $1", other) == 0
+    )

@@ -103,8 +103,11 @@ async def connect_store(settings: Settings, stopping: asyncio.Event) -> Postgres
             )
         except StoreUnavailable as exc:
             log.warning(
-                "waiting for PostgreSQL at %s: %s (retry in %.1f s)",
+                "waiting for PostgreSQL at %s%s: %s (retry in %.1f s)",
                 settings.database_display,
+                ""
+                if "database_url" in settings.model_fields_set
+                else " (GATEWAY_DATABASE_URL is not set: the default)",
                 exc,
                 delay,
             )

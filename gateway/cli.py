@@ -20,7 +20,7 @@ import orjson
 
 from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError, GatewayError, InvalidRequest, StoreUnavailable
-from gateway.logs import setup_logging
+from gateway.logs import fatal, setup_logging
 
 log = logging.getLogger("gateway")
 
@@ -115,11 +115,17 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tool_format(settings: Settings) -> str:
+    """One-shot commands log plain text for the person at the terminal, unless
+    GATEWAY_LOG_FORMAT says otherwise (a job whose logs a shipper reads)."""
+    return settings.log_format if "log_format" in settings.model_fields_set else "text"
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from gateway.store.migrate import migrate
 
     settings = load_settings()
-    setup_logging(settings.log_level, "text")
+    setup_logging(settings.log_level, _tool_format(settings))
     applied = asyncio.run(migrate(settings.database_url, wait_s=args.wait))
     print(f"applied {len(applied)} migration(s)" + (f": {applied}" if applied else ""))
     return 0
@@ -129,7 +135,7 @@ def cmd_seed(args: argparse.Namespace) -> int:
     from gateway.core.seedfile import parse_seed
 
     settings = load_settings()
-    setup_logging(settings.log_level, "text")
+    setup_logging(settings.log_level, _tool_format(settings))
     path = Path(args.file)
     if not path.is_file():
         raise ConfigError(f"seed file {path} not found")
@@ -209,6 +215,28 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def settings_help() -> str:
+    """The GATEWAY_* variables and their defaults, for ``gateway run --help``."""
+    from gateway.config import Settings
+
+    lines = ["configuration (environment; the README's Configuration table says more):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "" if default is None else f" (default {default})"
+        lines.append(f"  GATEWAY_{name.upper()}{shown}")
+    return "\n".join(lines)
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -353,7 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the gateway, configured by GATEWAY_* variables")
+    p = sub.add_parser(
+        "run",
+        help="run the gateway, configured by GATEWAY_* variables",
+        description="Run the gateway until SIGTERM or Ctrl-C.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dev", help="run everything locally: PostgreSQL, Mosquitto, gateway")
@@ -373,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="apply pending database migrations")
     p.add_argument(
         "--wait",
-        type=float,
+        type=seconds,
         default=0.0,
         metavar="SECONDS",
         help="wait up to this long for PostgreSQL to accept connections (containers starting)",
@@ -381,7 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("seed", help="load companies, users, projects, sectors (YAML or JSON)")
-    p.add_argument("file")
+    p.add_argument(
+        "file", help="a .yaml/.yml or .json file: companies, users, projects (README: seed file)"
+    )
     p.set_defaults(func=cmd_seed)
 
     p = sub.add_parser("dead-letters", help="list refused requests, newest first")
@@ -433,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("token", help="mint an HS256 development token")
     p.add_argument("--sub", required=True, help="the user (auth0Id)")
-    p.add_argument("--ttl", type=parse_ttl, default=3600, help="lifetime: 3600, 30m, 1h, 7d")
+    p.add_argument(
+        "--ttl", type=parse_ttl, default=3600, help="lifetime: 3600, 30m, 1h, 7d (default 1h)"
+    )
     p.set_defaults(func=cmd_token)
     return parser
 
@@ -451,18 +489,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except InvalidRequest as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        fatal(exc.message)
         return 2
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        fatal(str(exc))
         return 2
     except StoreUnavailable as exc:
-        print(
-            f"error: {exc}. Is PostgreSQL running and GATEWAY_DATABASE_URL right?", file=sys.stderr
-        )
+        unset = "" if "GATEWAY_DATABASE_URL" in os.environ else " (it is not set: the default)"
+        fatal(f"{exc}. Is PostgreSQL running and GATEWAY_DATABASE_URL right{unset}?")
         return 1
     except GatewayError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        fatal(str(exc))
         return 1
     return code
 

@@ -29,6 +29,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+def fatal(message: str) -> None:
+    """The last word of a command that fails: a JSON log line when logs are JSON (a shipper
+    reading stderr keeps it), else ``error: message``."""
+    if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers):
+        line = {
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "error",
+            "logger": "gateway",
+            "msg": message,
+        }
+        print(orjson.dumps(line).decode(), file=sys.stderr)
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

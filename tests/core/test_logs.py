@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+import orjson
 import pytest
 
-from gateway.logs import setup_logging
+from gateway.logs import fatal, setup_logging
 
 
 @pytest.fixture
@@ -35,3 +36,19 @@ def test_asyncpg_pool_warnings_carry_no_traceback(
     assert "Failed to restore the pool connection floor" in err
     assert "Connect call failed 50% of the time" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("logging_as_set_up")
+def test_a_fatal_error_is_written_as_the_logs_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """With JSON logs, the error a command ends on is a JSON line too (a shipper keeps it);
+    with text logs, a plain ``error: ...`` line."""
+    setup_logging("INFO", "json")
+    fatal("no JWT key configured: set GATEWAY_JWT_SECRET")
+    line = orjson.loads(capsys.readouterr().err)
+    assert (line["level"], line["msg"]) == (
+        "error",
+        "no JWT key configured: set GATEWAY_JWT_SECRET",
+    )
+    setup_logging("INFO", "text")
+    fatal("no JWT key configured")
+    assert capsys.readouterr().err == "error: no JWT key configured\n"

@@ -29,6 +29,7 @@ from gateway.core.models import (
     NAME_MAX,
     BulkRecords,
     CheckIdempotency,
+    CloseSession,
     CreateRecord,
     ExtendSession,
     OpenSession,
@@ -136,9 +137,17 @@ def model_schema(model: type[BaseModel]) -> Schema:
 
 
 def request_schema(model: type[BaseModel]) -> Schema:
-    """``model``'s schema with the envelope fields every request may carry (SPEC §4)."""
+    """``model``'s schema with the envelope fields every request may carry (SPEC §4), and
+    without the session fields it refuses rather than drop (a close's closedAt, ...)."""
     out = model_schema(model)
     out["properties"] = {**out["properties"], **copy.deepcopy(ENVELOPE)}
+    refused = sorted(getattr(model, "not_here", {}))
+    if refused:
+        out["propertyNames"] = {"not": {"enum": refused}}
+        out["description"] = (
+            f"{', '.join(refused)}: VALIDATION_ERROR here (not silently dropped); the fields "
+            "an update changes go in an update."
+        )
     return out
 
 
@@ -667,7 +676,7 @@ MESSAGES: tuple[Message, ...] = (
         "sessions.close",
         "P/sessions/{sessionId}/close",
         "close a session",
-        _request(SessionCommand),
+        _request(CloseSession),
         _data(_CLOSED, "Closed."),
     ),
     *_operation(
@@ -785,6 +794,8 @@ and reply shapes: do not edit by hand; `python -m gateway.wireschema --check` te
   `requestId`, `auth0Id`. Update refuses unknown fields; the other requests ignore fields of
   a device's own but refuse, as VALIDATION_ERROR, one that looks like a slip of a known field
   (`unit`, `pricePerunit`, `Units`, `idempotency_key`: case, `_` or a letter `s` apart).
+  Close and extend also refuse the session fields they do not set (`notes`, `closedAt`, ...)
+  rather than drop them.
 - Replies: each `*.reply` schema is the success reply of its request or the error reply
   (`error.reply`). The reply topic is the request's MQTT 5 Response Topic, else its `replyTo`,
   else the request topic followed by `/reply`. Replies, events, state and status may gain

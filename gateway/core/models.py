@@ -7,7 +7,7 @@ the field and what to send instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self, TypeVar
 
@@ -95,6 +95,9 @@ class _Request(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=False)
     what_it_is: ClassVar[str] = "this request"
+    # fields of the session this request does not set: sent here they would be dropped
+    # silently (a closing note, a backdated closedAt), so they are refused, saying where to go
+    not_here: ClassVar[Mapping[str, str]] = {}
 
     @model_validator(mode="after")
     def _no_misspelled_fields(self) -> Self:
@@ -104,6 +107,8 @@ class _Request(BaseModel):
             for name in extra:
                 if name in known:  # an envelope field inside a bulk item
                     continue
+                if name in self.not_here:
+                    raise RefusedField(name, self.not_here[name])
                 meant = near_miss(name, known, self.model_fields_set)
                 if meant is not None:
                     raise MisspelledField(name, meant, self.what_it_is)
@@ -155,25 +160,55 @@ class UpdateSession(_Request):
         return {k: getattr(self, k) for k in self.model_fields_set if k != "sessionId"}
 
 
+_UPDATE_FIELDS = ("samplingUnit", "pricePerUnit", "bonus", "notes")
+_SET_BY_THE_GATEWAY = ("openedAt", "closedAt", "status", "closeReason", "totals")
+
+
+def _not_here(what: str, *also: str) -> Mapping[str, str]:
+    out = dict.fromkeys(_UPDATE_FIELDS, f"is not changed by {what}: send it in an update")
+    out |= dict.fromkeys(_SET_BY_THE_GATEWAY, f"is not changed by {what}: the gateway sets it")
+    out |= dict.fromkeys(also, f"is not changed by {what}")
+    return out
+
+
 class ExtendSession(_Request):
     what_it_is: ClassVar[str] = "an extend"
+    not_here: ClassVar[Mapping[str, str]] = _not_here("an extend")
 
     sessionId: Id | None = None
     maxDurationHours: Positive
 
 
 class SessionCommand(_Request):
-    """Get and close carry nothing but the (optional) matching sessionId."""
+    """Get carries nothing but the (optional) matching sessionId."""
 
     sessionId: Id | None = None
 
 
-class MisspelledField(ValueError):
-    """An unknown field that looks like a known one: refused under its own name."""
+class CloseSession(SessionCommand):
+    """A close carries nothing but the (optional) matching sessionId; closedAt is the time
+    the close arrives."""
+
+    what_it_is: ClassVar[str] = "a close"
+    not_here: ClassVar[Mapping[str, str]] = {
+        **_not_here("a close", "maxDurationHours"),
+        "closedAt": "is not sent: a session closes when its close arrives",
+    }
+
+
+class RefusedField(ValueError):
+    """An unknown field refused under its own name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class MisspelledField(RefusedField):
+    """An unknown field that looks like a known one."""
 
     def __init__(self, field: str, meant: str, what: str) -> None:
-        super().__init__(f"is not a field of {what}; did you mean {meant}?")
-        self.field = field
+        super().__init__(field, f"is not a field of {what}; did you mean {meant}?")
 
 
 def near_miss(name: str, known: Sequence[str], given: Collection[str]) -> str | None:
@@ -428,7 +463,7 @@ def validation_error(
     for err in exc.errors(include_url=False, include_context=True, include_input=False):
         loc = ".".join(str(p) for p in err["loc"]) or "payload"
         cause = err.get("ctx", {}).get("error")
-        if isinstance(cause, MisspelledField):
+        if isinstance(cause, RefusedField):
             loc = ".".join(str(p) for p in (*err["loc"], cause.field))
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":

@@ -23,6 +23,7 @@ from gateway.core.idempotency import split_client_key
 from gateway.core.models import (
     EMPTY_ENVELOPE,
     CheckIdempotency,
+    CloseSession,
     CreateRecord,
     Envelope,
     ExtendSession,
@@ -418,7 +419,7 @@ class Dispatcher:
 
     async def _close_session(self, r: _Request) -> dict[str, Any]:
         who, session_id = _session_target(r)
-        cmd = validate(SessionCommand, r.data)
+        cmd = validate(CloseSession, r.data)
         same_id(cmd.sessionId, session_id, "sessionId")
         data = await self.service.close_session(who, session_id, r.msg.received_at)
         return {"status": "success", "data": data}

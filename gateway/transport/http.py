@@ -27,10 +27,10 @@ from multidict import CIMultiDict
 from gateway.core.auth import AMBIGUOUS_AUTHORIZATION, TokenVerifier
 from gateway.core.models import (
     CheckIdempotency,
+    CloseSession,
     CreateRecord,
     ExtendSession,
     OpenSession,
-    SessionCommand,
     UpdateSession,
     VoidRecord,
     decode_object,
@@ -562,7 +562,7 @@ class HttpSidecar:
     async def close_session(self, request: web.Request) -> web.Response:
         data, who = await self.body(request)
         session_id = path_id(request, "session_id")
-        same_id(validate(SessionCommand, data).sessionId, session_id, "sessionId")
+        same_id(validate(CloseSession, data).sessionId, session_id, "sessionId")
         out = await self.service.close_session(who, session_id, _arrival(request))
         return self.answer(request, {"status": "success", "data": out})
 

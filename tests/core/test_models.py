@@ -15,6 +15,7 @@ from gateway.core.models import (
     Bonus,
     BulkRecords,
     CheckIdempotency,
+    CloseSession,
     CreateRecord,
     Envelope,
     ExtendSession,
@@ -715,3 +716,28 @@ def test_a_misspelled_field_of_any_request_is_refused_by_name(
     ]
     mine = {"orderId": 7, "shift": "night"}  # a device's own fields are still left aside
     assert validate(model, payload | mine).model_dump() == validate(model, payload).model_dump()
+
+
+@pytest.mark.parametrize(
+    ("model", "payload", "extra", "says"),
+    [
+        (CloseSession, {}, "closedAt", "a session closes when its close arrives"),
+        (CloseSession, {}, "notes", "is not changed by a close: send it in an update"),
+        (CloseSession, {}, "maxDurationHours", "is not changed by a close"),
+        (ExtendSession, {"maxDurationHours": 20}, "notes", "send it in an update"),
+        (ExtendSession, {"maxDurationHours": 20}, "pricePerUnit", "send it in an update"),
+        (ExtendSession, {"maxDurationHours": 20}, "openedAt", "the gateway sets it"),
+    ],
+)
+def test_close_and_extend_refuse_session_fields_they_would_drop(
+    model: type[BaseModel], payload: dict[str, Any], extra: str, says: str
+) -> None:
+    """A closing note or a backdated closedAt sent with a close would be dropped while the
+    reply says success: refused, naming the field and where it goes."""
+    with pytest.raises(InvalidRequest) as info:
+        validate(model, payload | {extra: "2026-12-01T13:00:00Z"})
+    (field,) = info.value.details["fields"]
+    assert field["field"] == extra
+    assert says in field["message"]
+    mine = {"orderId": 7, "sessionId": "s1"}  # a device's own fields, a matching id: fine
+    assert validate(model, payload | mine).model_dump()["sessionId"] == "s1"

@@ -136,6 +136,29 @@ async def test_empty_update_is_refused(device: Device, session_id: str) -> None:
     assert "samplingUnit" in reply["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("op", "payload", "field"),
+    [
+        ("close", {"closedAt": "2026-12-01T13:00:00Z"}, "closedAt"),
+        ("close", {"notes": "rain stopped picking"}, "notes"),
+        ("extend", {"maxDurationHours": 20, "notes": "long day"}, "notes"),
+    ],
+)
+async def test_close_and_extend_refuse_what_they_would_drop(
+    device: Device, session_id: str, op: str, payload: dict[str, Any], field: str
+) -> None:
+    """A backdated closedAt or a note sent with a close or an extend is refused, naming the
+    field, and nothing changes (it would otherwise be dropped under a success reply)."""
+    before = (await device.request(f"sessions/{session_id}/get", {}))["data"]
+    reply = await device.request(f"sessions/{session_id}/{op}", payload)
+    assert reply["status"] == "error", reply
+    assert reply["error"]["code"] == "VALIDATION_ERROR"
+    assert reply["error"]["details"]["fields"][0]["field"] == field
+    after = (await device.request(f"sessions/{session_id}/get", {}))["data"]
+    assert after == before
+    assert after["status"] == "open"
+
+
 @pytest.mark.parametrize("hours", [12, 6, 49, 1000, "20", None, True])
 async def test_extend_must_raise_within_the_limit(
     device: Device, session_id: str, hours: object

@@ -46,6 +46,7 @@ from gateway.core.rules import Limits, Principal, SessionFacts
 from gateway.core.views import (
     Record,
     Session,
+    actual_changes,
     dec_out,
     record_object,
     record_preview,
@@ -404,13 +405,16 @@ class Service:
             changes["bonus"] = changes["bonus"].as_json()
 
         async def apply(tx: SessionTx) -> dict[str, Any]:
-            session = await tx.update(changes)
+            changed = actual_changes(tx.session, changes)
+            if not changed:  # a re-sent update, or values already set: nothing to announce
+                return {"updated": True}
+            session = await tx.update(changed)
             await tx.emit(
                 [
                     new_event(
                         EventType.UPDATED,
                         session_id,
-                        {**session_object(session), "changed": sorted(changes)},
+                        {**session_object(session), "changed": sorted(changed)},
                         arrival,
                     )
                 ]

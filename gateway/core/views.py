@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -164,3 +165,18 @@ def record_object(record: Record) -> dict[str, Any]:
     if record.voided_by is not None:
         out["voidRecordId"] = record.voided_by
     return out
+
+
+_CURRENT: dict[str, Callable[[Session], object]] = {
+    "samplingUnit": lambda s: s.sampling_unit,
+    "pricePerUnit": lambda s: float(s.price_per_unit),
+    "bonus": lambda s: s.bonus,
+    "notes": lambda s: s.notes,
+}
+
+
+def actual_changes(session: Session, changes: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an update (wire names, bonus as JSON) whose value differs from the
+    session's: a re-sent update, or one that sets what is already there, changes nothing and
+    is announced nowhere."""
+    return {k: v for k, v in changes.items() if _CURRENT[k](session) != v}

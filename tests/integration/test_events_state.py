@@ -83,6 +83,11 @@ async def test_lifecycle_events_are_published_once_each(
         opened = await device.request("sessions/open", tenant.open_payload())
         sid = opened["data"]["sessionId"]
         await device.request(f"sessions/{sid}/update", {"notes": "sunny"})
+        # re-sent, or setting what is already there: updated, and nothing to announce
+        price = opened["data"]["pricePerUnit"]
+        for same in ({"notes": "sunny"}, {"notes": "sunny", "pricePerUnit": price}):
+            again = await device.request(f"sessions/{sid}/update", same)
+            assert again["data"] == {"updated": True}, again
         await device.request(f"sessions/{sid}/extend", {"maxDurationHours": 14})
         await device.request(f"sessions/{sid}/close", {})
         events = await ops.wait_for(
@@ -107,6 +112,23 @@ async def test_lifecycle_events_are_published_once_each(
         for m in ops.messages
         if orjson.loads(m.payload)["sessionId"] == sid
     )
+
+
+async def test_an_update_announces_only_what_it_changed(
+    servers: Servers, device: Device, session_id: str
+) -> None:
+    """An update setting one field anew and another to its current value: one event whose
+    changed names the first only."""
+    got = (await device.request(f"sessions/{session_id}/get", {}))["data"]
+    async with Watcher(servers, f"{PREFIX}/sessions/{session_id}/events") as ops:
+        reply = await device.request(
+            f"sessions/{session_id}/update",
+            {"samplingUnit": got["samplingUnit"], "pricePerUnit": got["pricePerUnit"] + 1},
+        )
+        assert reply["data"] == {"updated": True}, reply
+        (event,) = await ops.wait_for(lambda p: p["type"] == "session.updated")
+    assert event["data"]["changed"] == ["pricePerUnit"]
+    assert event["data"]["pricePerUnit"] == got["pricePerUnit"] + 1
 
 
 async def _retained_state(servers: Servers, session_id: str) -> aiomqtt.Message:

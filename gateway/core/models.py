@@ -6,6 +6,7 @@ the field and what to send instead.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -395,10 +396,16 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
             problem = BOM_HINT
         elif "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
             problem = "payload is not valid UTF-8: send JSON text encoded as UTF-8"
+        elif "number is infinity" in str(exc):
+            # valid JSON (RFC 8259 sets no range) that orjson will not read: read it with the
+            # standard library, so that the field is refused by name and the envelope answered
+            problem = OUT_OF_RANGE
         else:
             problem = f"payload is not valid JSON: {exc}"
     if problem is BOM_HINT:  # decoded outside the except: no exception chain kept alive
         return decode_object(raw[len(BOM) :], max_bytes=max_bytes, max_depth=max_depth)
+    if problem is OUT_OF_RANGE:
+        data, problem = _decode_out_of_range(raw), None
     if problem is not None:  # raised outside the except: no exception chain kept alive
         raise InvalidRequest(problem)
     if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door
@@ -411,6 +418,22 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
     if raw.count(b"{") + raw.count(b"[") > max_depth and _depth_exceeds(data, max_depth):
         raise TooDeep(f"payload nests deeper than {max_depth} levels", data)
     return data
+
+
+OUT_OF_RANGE = "a number beyond a double's range"
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _decode_out_of_range(raw: bytes) -> object:
+    """``raw`` with a number beyond a double's range read as infinity (for the validators to
+    refuse where it stands); NaN and Infinity literals stay refused, as orjson refuses them."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"payload is not valid JSON: {exc}") from None
 
 
 class TooDeep(InvalidRequest):
@@ -441,7 +464,11 @@ def take_envelope(data: dict[str, Any]) -> Envelope:
             texts[name] = None
             invalid.append(name)
     request_id = data.pop("requestId", None)
-    if isinstance(request_id, bool) or not isinstance(request_id, str | int | float | None):
+    if (
+        isinstance(request_id, bool)
+        or not isinstance(request_id, str | int | float | None)
+        or (isinstance(request_id, float) and not math.isfinite(request_id))  # 1e400
+    ):
         invalid.append("requestId")
         request_id = None
     elif isinstance(request_id, str) and len(request_id) > NAME_MAX:

@@ -143,6 +143,24 @@ async def test_a_record_after_a_byte_order_mark_is_stored(device: Device, sessio
     assert again["data"] == {**reply["data"], "idempotent": True}
 
 
+async def test_a_number_beyond_a_double_is_refused_by_field_with_the_request_id(
+    device: Device, session_id: str
+) -> None:
+    """ "units": 1e400 is valid JSON a double cannot hold: the reply names the field (not
+    "invalid JSON") and echoes the requestId, on the hot path and on an update."""
+    body = orjson.dumps(record(event="evt_big_1")).replace(b'"units":5', b'"units":1e400')
+    body = body[:-1] + b',"requestId":"r-big"}'
+    reply = await device.request(f"sessions/{session_id}/records", body)
+    assert reply["error"]["code"] == "VALIDATION_ERROR", reply
+    assert [f["field"] for f in reply["error"]["details"]["fields"]] == ["units"]
+    assert (reply["requestId"], reply["clientEventId"]) == ("r-big", "evt_big_1")
+    update = await device.request(
+        f"sessions/{session_id}/update", b'{"pricePerUnit": 1e400, "requestId": "r-up"}'
+    )
+    assert update["error"]["details"]["fields"][0]["field"] == "pricePerUnit", update
+    assert update["requestId"] == "r-up"
+
+
 async def test_garbage_on_every_request_topic_is_answered(
     device: Device, tenant: Tenant, session_id: str, database: str
 ) -> None:

@@ -99,8 +99,9 @@ async def test_the_first_void_sent_is_the_void(device: Device, session_id: str) 
 async def test_a_bulk_is_judged_in_its_order(
     device: Device, tenant: Tenant, session_id: str
 ) -> None:
-    """Two items of one bulk share an idempotencyKey in two sessions: the first item is stored
-    and the second is the conflict, whichever session sorts first."""
+    """Two items of one bulk share an idempotencyKey in two sessions of one owner: the first
+    item is stored, in its session, and the second is its duplicate (same content) or its
+    conflict (other units), whichever session sorts first."""
     other = await open_session(device, tenant, tenant.extra_sectors[0])
     try:
         for first, second in ((session_id, other), (other, session_id)):
@@ -112,6 +113,16 @@ async def test_a_bulk_is_judged_in_its_order(
             ]
             reply = await device.request("records/bulk", {"records": items})
             assert reply["status"] == "success", reply
+            ok, dup = reply["results"]
+            assert (ok["status"], dup["status"]) == ("ok", "duplicated"), reply
+            assert dup["recordId"] == ok["recordId"]
+            stored = await device.request(f"records/{ok['recordId']}/get", {})
+            assert stored["data"]["sessionId"] == first, stored
+            items = [
+                record(sessionId=sid, idempotencyKey=f"{key}-2", worker="W1", units=units)
+                for sid, units in ((first, 5), (second, 9))
+            ]
+            reply = await device.request("records/bulk", {"records": items})
             assert [r["status"] for r in reply["results"]] == ["ok", "failed"], reply
             assert reply["results"][1]["error"]["code"] == "IDEMPOTENCY_CONFLICT"
     finally:

@@ -157,7 +157,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
             await store.close()
 
     counts = asyncio.run(apply())
-    print("seeded " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+    changed = counts.pop("changed")
+    held = ", ".join(f"{n} {what}" for what, n in counts.items())
+    print(f"seeded {held} ({changed} row(s) new or changed)")
     return 0
 
 
@@ -303,7 +305,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 f"size={row['payload_size']} payload={shown}"
             )
     if not args.json:
-        print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+        more = f" (the newest {args.limit}: --limit to see more)" if len(rows) >= args.limit else ""
+        print(f"{len(rows)} dead letter(s){more}", file=sys.stderr)
     return 0
 
 
@@ -423,7 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list refused requests, newest first")
     p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
     p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
-    p.add_argument("--limit", type=positive_int, default=DEAD_LETTERS_LIMIT)
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        default=DEAD_LETTERS_LIMIT,
+        help="list at most this many, newest first (default %(default)s)",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -447,7 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sector", action="append", help="a sector to open a session in")
     p.add_argument("--devices", type=int, default=8, help="simulated devices (default %(default)s)")
     p.add_argument(
-        "--records", type=int, default=10_000, help="records in all (default %(default)s)"
+        "--records",
+        type=int,
+        default=10_000,
+        help="distinct records in all; --duplicates sends more on top (default %(default)s)",
     )
     p.add_argument("--rate", type=float, default=0.0, help="records/s offered; 0 = saturate")
     p.add_argument(

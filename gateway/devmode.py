@@ -104,20 +104,22 @@ def _instructions(
     pub = f"mosquitto_pub {base} -q 1 -D publish user-property authorization {shlex.quote(auth)}"
     key = f"client:{session_id}:JS0315:evt_demo_0001"
     http = f"http://127.0.0.1:{settings.http_port}"
+    ws = f"ws://127.0.0.1:{ws_port}/mqtt"
     env = " ".join(
         f"{name}={shlex.quote(value)}"
         for name, value in (
             ("GATEWAY_DATABASE_URL", settings.database_url),
             ("GATEWAY_MQTT_URL", f"mqtt://127.0.0.1:{mqtt_port}"),
             ("GATEWAY_JWT_SECRET", settings.jwt_secret or ""),
-            # as $TOKEN, $MQTT_PORT and $HTTP_URL in the README's examples
+            # as $TOKEN, $SESSION, $MQTT_PORT, $WS_URL and $HTTP_URL in the README's examples
             ("TOKEN", token),
+            ("SESSION", session_id),
             ("MQTT_PORT", str(mqtt_port)),
+            ("WS_URL", ws),
             ("HTTP_URL", http),
         )
     )
     gw = _program()
-    ws = f"ws://127.0.0.1:{ws_port}/mqtt"
     return "\n".join(
         [
             "",

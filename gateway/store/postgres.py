@@ -175,6 +175,11 @@ SELECT coalesce(array_agg(record_id), '{}') FROM ins
 """
 
 
+def _rows(status: str) -> int:
+    """The row count of a command status such as ``INSERT 0 1``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def _facts(row: asyncpg.Record) -> SessionFacts:
     return SessionFacts(
         session_id=row["session_id"],
@@ -779,7 +784,12 @@ class PostgresStore:
     # seed ---------------------------------------------------------------------------------
 
     async def seed(self, seed: SeedFile) -> dict[str, int]:
-        """Upsert companies, users, projects, sectors; loading a file twice changes nothing."""
+        """Upsert companies, users, projects, sectors; loading a file twice changes nothing.
+
+        The counts are of what the file holds, plus ``changed``: the rows written (new, or
+        different from what was stored), 0 the second time.
+        """
+        changed = 0
         async with self._conn() as conn, conn.transaction():
             outside = seed.company_references()
             if outside:
@@ -816,24 +826,26 @@ class PostgresStore:
                     {"projects": [r["project_id"] for r in moved]},
                 )
             for c in seed.companies:
-                await conn.execute(
+                status = await conn.execute(
                     """INSERT INTO companies (company_id, name) VALUES ($1, $2)
                        ON CONFLICT (company_id) DO UPDATE SET name = excluded.name
                        WHERE companies.name IS DISTINCT FROM excluded.name""",
                     c.companyId,
                     c.name,
                 )
+                changed += _rows(status)
             for u in seed.users:
-                await conn.execute(
+                status = await conn.execute(
                     """INSERT INTO users (auth0_id, company_id) VALUES ($1, $2)
                        ON CONFLICT (auth0_id) DO UPDATE SET company_id = excluded.company_id
                        WHERE users.company_id IS DISTINCT FROM excluded.company_id""",
                     u.auth0Id,
                     u.companyId,
                 )
+                changed += _rows(status)
             for p in seed.projects:
                 bonus = p.bonus.as_json() if p.bonus else None
-                await conn.execute(
+                status = await conn.execute(
                     """INSERT INTO projects (project_id, company_id, name, timezone, sampling_unit,
                                              price_per_unit, bonus, max_duration_hours)
                        VALUES ($1, $2, $3, $4, $5, $6::float8::numeric, $7, $8)
@@ -858,8 +870,9 @@ class PostgresStore:
                     bonus,
                     p.maxDurationHours,
                 )
+                changed += _rows(status)
                 for s in p.sectors:
-                    await conn.execute(
+                    status = await conn.execute(
                         """INSERT INTO sectors (project_id, sector_id, sector_name)
                            VALUES ($1, $2, $3)
                            ON CONFLICT (project_id, sector_id) DO UPDATE
@@ -869,11 +882,13 @@ class PostgresStore:
                         s.sectorId,
                         s.sector_name,
                     )
+                    changed += _rows(status)
         return {
             "companies": len(seed.companies),
             "users": len(seed.users),
             "projects": len(seed.projects),
             "sectors": sum(len(p.sectors) for p in seed.projects),
+            "changed": changed,
         }
 
     # dead letters -------------------------------------------------------------------------

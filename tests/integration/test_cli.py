@@ -143,6 +143,7 @@ async def test_seed_yaml_then_json_changes_nothing(migrated: str, tmp_path: Path
     yaml_file.write_text(SEED_YAML)
     first = await run_cli("seed", str(yaml_file), env=env)
     assert first.returncode == 0, first
+    assert "(4 row(s) new or changed)" in first.stdout, first
     counts = {t: len(rows) for t, rows in (await table_state(migrated)).items()}
     assert counts == {"companies": 1, "users": 1, "projects": 1, "sectors": 1}
     project = (await fetch(migrated, "SELECT * FROM projects WHERE project_id = 'proj_123'"))[0]
@@ -168,6 +169,7 @@ async def test_seed_yaml_then_json_changes_nothing(migrated: str, tmp_path: Path
     json_file.write_text(json.dumps(SEED_JSON))
     second = await run_cli("seed", str(json_file), env=env)
     assert second.returncode == 0, second
+    assert "(0 row(s) new or changed)" in second.stdout, second
     assert await table_state(migrated) == before
     third = await run_cli("seed", str(yaml_file), env=env)
     assert third.returncode == 0, third
@@ -400,6 +402,8 @@ async def test_dead_letters_keep_bytes_that_are_not_utf8_recoverable(migrated: s
     as_json = await run_cli("dead-letters", "--json", env=env)
     row = orjson.loads(as_json.stdout.splitlines()[0])
     assert base64.b64decode(row["payloadBase64"]) == garbage
+    capped = await run_cli("dead-letters", "--limit", "1", env=env)
+    assert "1 dead letter(s) (the newest 1: --limit to see more)" in capped.stderr, capped
 
 
 async def test_dead_letters_prune_before_deletes_only_older_rows(migrated: str) -> None:

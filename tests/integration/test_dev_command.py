@@ -308,11 +308,16 @@ async def test_gateway_dev_printed_open_replies(tmp_path: Path) -> None:
             "GATEWAY_DATABASE_URL",
             "GATEWAY_MQTT_URL",
             "GATEWAY_JWT_SECRET",
-            # the README's examples use $TOKEN, $MQTT_PORT, $HTTP_URL
+            # the README's examples use $TOKEN, $SESSION, $MQTT_PORT, $WS_URL, $HTTP_URL
             "TOKEN",
+            "SESSION",
             "MQTT_PORT",
+            "WS_URL",
             "HTTP_URL",
         }
+        assert printed["SESSION"] == session_id
+        ws_port = dev.port_after(r"devices: ws://127\.0\.0\.1:(\d+)/mqtt")
+        assert printed["WS_URL"] == f"ws://127.0.0.1:{ws_port}/mqtt"
         assert jwt.decode(printed["TOKEN"], printed["GATEWAY_JWT_SECRET"], algorithms=["HS256"])
         assert int(printed["MQTT_PORT"]) == broker_port
         http_port = dev.port_after(r"HTTP sidecar: http://127\.0\.0\.1:(\d+) ")

@@ -254,14 +254,17 @@ def encode_connect(
 
 
 RETAIN_HANDLING_NONE = 0x20  # subscription option: send no retained messages on subscribe
+RETAIN_AS_PUBLISHED = 0x08  # subscription option: keep the publisher's retain flag
 
 
 def encode_subscribe(packet_id: int, filters: list[str], qos: int = 1) -> bytes:
-    """SUBSCRIBE at ``qos``, with Retain Handling 2: a request a device published retained is
-    not handed to us (again) each time we subscribe."""
+    """SUBSCRIBE at ``qos``, with Retain Handling 2 (a request a device published retained is
+    not handed to us again each time we subscribe) and Retain As Published (so that we see
+    that it was, and clear the broker's copy, which holds the device's token)."""
     body = _pack_h(packet_id) + varint(0)
+    options = bytes((qos | RETAIN_HANDLING_NONE | RETAIN_AS_PUBLISHED,))
     for f in filters:
-        body += utf8(f) + bytes((qos | RETAIN_HANDLING_NONE,))
+        body += utf8(f) + options
     return _packet(SUBSCRIBE, body)
 
 

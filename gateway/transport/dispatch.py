@@ -58,9 +58,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Reply:
-    topic: str | None  # None: refused without a reply (a stale retained copy)
+    topic: str | None  # None: no reply (an emptied retained request)
     payload: bytes
     correlation: bytes | None
+    # a request published retained: its topic, whose stored copy (with the device's token,
+    # handed to every later subscriber) the gateway clears once it has answered
+    clear_retained: str | None = None
 
 
 @dataclass(slots=True)
@@ -86,11 +89,11 @@ class _Request:
     who: Principal | None = None
     body: dict[str, Any] | None = None  # the success reply, without requestId/clientEventId
     error: RequestError | None = None
-    silent: bool = False  # refused, kept in the dead-letter table, not answered
+    ignored: bool = False  # not a request: an emptied retained copy (ours, clearing one)
 
     @property
     def open(self) -> bool:
-        return self.error is None and self.body is None
+        return self.error is None and self.body is None and not self.ignored
 
     def settle(self, outcome: RecordOutcome) -> None:
         """The outcome of this request's record create."""
@@ -217,15 +220,10 @@ class Dispatcher:
             reply_topic = topics.default_reply(m.topic)
         r = _Request(m, reply_topic)
         route = r.route = topics.parse(m.topic)
-        if m.retained:
-            # Published with the retain flag, it was answered when it came; this is the copy
-            # the broker keeps and hands to a new subscription: applying it again would open,
-            # close or void anew.
-            r.error = InvalidRequest(
-                "a retained request (the broker's stored copy, handed over on subscribing) is "
-                "not applied: publish requests without the retain flag"
-            )
-            r.silent = True
+        if m.retained and not m.payload:
+            # the broker's copy of a retained request being cleared (by us, after answering
+            # it): nothing to answer, nothing refused
+            r.ignored = True
             return r
         if (
             route is not None
@@ -372,6 +370,8 @@ class Dispatcher:
     # stage 3: replies ---------------------------------------------------------------------
 
     def _reply(self, r: _Request) -> Reply:
+        if r.ignored:
+            return Reply(None, b"", None)
         if r.body is not None:
             body = r.body
         else:
@@ -393,7 +393,12 @@ class Dispatcher:
         except TypeError:  # something that is not JSON slipped into the reply: say so plainly
             log.exception("reply to %s could not be encoded", r.msg.topic)
             payload = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
-        return Reply(None if r.silent else r.reply_topic, payload, r.msg.correlation)
+        return Reply(
+            r.reply_topic,
+            payload,
+            r.msg.correlation,
+            r.msg.topic if r.msg.retained else None,
+        )
 
     # operations ---------------------------------------------------------------------------
 

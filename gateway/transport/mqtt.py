@@ -73,7 +73,7 @@ class Inbound:
     done: bool = field(default=False)
     # (reply body, error) once applied, kept should the rest of its batch be retried
     settled: tuple[dict[str, Any] | None, RequestError | None] | None = field(default=None)
-    retained: bool = field(default=False)  # the broker's stored copy, not a live request
+    retained: bool = field(default=False)  # published with the retain flag
 
 
 class PublishError(Exception):

@@ -29,6 +29,7 @@ from gateway.core.idempotency import split_client_key
 from gateway.core.models import BOM
 from gateway.core.topics import Op, Topics
 from gateway.errors import StoreUnavailable
+from gateway.logs import retrieved
 from gateway.metrics import Metrics
 from gateway.transport.dispatch import Dispatcher, Reply
 from gateway.transport.mqtt import Inbound, MqttLink, PublishError
@@ -229,6 +230,10 @@ class Pipeline:
             try:
                 if reply.topic is not None:
                     link.reply(reply.topic, reply.payload, reply.correlation)
+                if reply.clear_retained is not None:
+                    link.publish(reply.clear_retained, b"", retain=True).add_done_callback(
+                        retrieved
+                    )
             except PublishError:
                 # Not connected: the request stays unacknowledged and will be redelivered.
                 self._metrics.inc("gateway_replies_lost_total")

@@ -537,10 +537,10 @@ def test_dispatcher_answers_every_payload_with_one_error_reply(
     assert len(refused) == len(batch)
 
 
-def test_a_retained_copy_is_refused_unanswered_and_kept() -> None:
-    """A request the broker hands over because it was published retained is not applied (the
-    service is never asked), gets no reply (it was answered when it came), and is kept in the
-    dead-letter table; the live request next to it is answered as usual."""
+def test_a_retained_request_is_answered_and_its_copy_cleared() -> None:
+    """A request published retained is answered as any other, and its reply says to clear the
+    broker's copy (it holds the token); the emptied copy coming back is no request at all:
+    neither answered nor refused."""
     refused: list[Refusal] = []
     dispatcher = Dispatcher(
         cast(Service, _NoService()),
@@ -552,14 +552,17 @@ def test_a_retained_copy_is_refused_unanswered_and_kept() -> None:
     )
     now = datetime.now(UTC)
     token = "Bearer not-a-jwt"
-    stale = Inbound(f"{P}/sessions/open", b'{"projectId":"p"}', 1, 1, None, b"c1", token, now, 0)
-    stale.retained = True
-    live = Inbound(f"{P}/sessions/open", b'{"projectId":"p"}', 1, 2, None, b"c2", token, now, 0)
-    first, second = asyncio.run(dispatcher.handle([stale, live]))
-    assert first.topic is None
-    assert second.topic == f"{P}/sessions/open/reply"
-    assert [r.msg for r in refused] == [stale, live]
-    assert "retained" in refused[0].message
+    topic = f"{P}/sessions/open"
+    retained = Inbound(topic, b'{"projectId":"p"}', 1, 1, None, b"c1", token, now, 0)
+    retained.retained = True
+    emptied = Inbound(topic, b"", 1, 2, None, None, None, now, 0)
+    emptied.retained = True
+    live = Inbound(topic, b'{"projectId":"p"}', 1, 3, None, b"c3", token, now, 0)
+    first, second, third = asyncio.run(dispatcher.handle([retained, emptied, live]))
+    assert (first.topic, first.clear_retained) == (f"{topic}/reply", topic)
+    assert (second.topic, second.clear_retained) == (None, None)
+    assert (third.topic, third.clear_retained) == (f"{topic}/reply", None)
+    assert [r.msg for r in refused] == [retained, live]  # the token is not a JWT
 
 
 # --- topics ---------------------------------------------------------------------------------

@@ -725,3 +725,44 @@ async def test_a_request_published_retained_is_applied_once_not_at_every_subscri
     finally:
         async with aiomqtt.Client(servers.mqtt_host, servers.mqtt_port) as raw:
             await raw.publish(f"{prefix}/sessions/open", b"", qos=1, retain=True)  # clear it
+
+
+async def test_a_request_published_retained_is_answered_and_its_copy_cleared(
+    servers: Servers, device: Device, session_id: str, database: str
+) -> None:
+    """A record published with the retain flag (a device library's default, say) is answered
+    and stored once; then the gateway clears the broker's copy, which holds the device's
+    token and would be handed to every later subscriber (an operator's `hydrobit/v2/#`)."""
+    topic = f"{PREFIX}/sessions/{session_id}/records"
+    payload = record(event=f"evt_retained_{secrets.token_hex(3)}")
+    async with aiomqtt.Client(
+        servers.mqtt_host, servers.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as watcher:
+        await watcher.subscribe(topic, qos=1)
+        seen: list[bytes] = []
+
+        async def watch() -> None:
+            async for msg in watcher.messages:
+                seen.append(bytes(msg.payload))
+                if not msg.payload:
+                    return  # the clear
+
+        watching = asyncio.create_task(watch())
+        reply = await device.request(f"sessions/{session_id}/records", payload, retain=True)
+        assert reply["status"] == "success", reply
+        assert reply["data"]["idempotent"] is False
+        await asyncio.wait_for(watching, 10)
+        assert seen[-1] == b"" and len(seen) == 2, seen
+    async with aiomqtt.Client(
+        servers.mqtt_host, servers.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as late:
+        await late.subscribe(topic, qos=1)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1):
+                await anext(late.messages)  # a retained copy would come at once
+    rows = await fetch(
+        database,
+        "SELECT record_id FROM production_records WHERE client_event_id = $1",
+        payload["clientEventId"],
+    )
+    assert [r["record_id"] for r in rows] == [reply["data"]["recordId"]]

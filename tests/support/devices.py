@@ -133,6 +133,7 @@ class Device(ReadingClient):
         timeout: float = REPLY_TIMEOUT_S,
         more_tokens: tuple[str, ...] = (),
         scheme: str = "Bearer ",
+        retain: bool = False,
     ) -> dict[str, Any]:
         """Publish a request and wait for its reply (matched by Correlation Data); each of
         ``more_tokens`` goes in one more authorization user property, after ``scheme``."""
@@ -146,7 +147,7 @@ class Device(ReadingClient):
         if tokens:
             props.UserProperty = [("authorization", f"{scheme}{t}") for t in tokens]
         body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
-        await self._client.publish(self.topic(suffix), body, qos=1, properties=props)
+        await self._client.publish(self.topic(suffix), body, qos=1, retain=retain, properties=props)
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

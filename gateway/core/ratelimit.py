@@ -4,6 +4,11 @@ A request is admitted while the user's bucket holds a whole token, and costs wha
 (one, or a bulk's records), possibly driving the bucket below zero: a large offline sync is
 never refused forever, it just makes the next requests wait. A refused request is answered
 ``RATE_LIMITED`` with the seconds to wait; nothing is dropped silently.
+
+The wait is this request's turn, not the next token's: of forty refused at once, the first is
+told one token's time, the fortieth forty, so that a device re-sending each after its own wait
+is admitted rather than refused again in a storm. Those promised turns lapse as their time
+passes.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_BUCKETS = 50_000
+EPSILON = 1e-9
 
 
 @dataclass(slots=True)
 class _Bucket:
     tokens: float
     at: float
+    promised: float = 0.0  # turns told to refused requests, not yet come
 
 
 class RateLimiter:
@@ -37,10 +44,14 @@ class RateLimiter:
                 self._forget_full(now)
             bucket = self._buckets[user] = _Bucket(self.burst, now)
         else:
-            bucket.tokens = min(self.burst, bucket.tokens + (now - bucket.at) * self.rate)
+            refill = (now - bucket.at) * self.rate
+            bucket.tokens = min(self.burst, bucket.tokens + refill)
+            bucket.promised = max(0.0, bucket.promised - refill)
             bucket.at = now
-        if bucket.tokens < 1:
-            return (1 - bucket.tokens) / self.rate
+        if bucket.tokens < 1 - EPSILON:  # a token refilled by a sum of float steps is whole
+            wait = (1 - bucket.tokens + bucket.promised) / self.rate
+            bucket.promised += 1
+            return wait
         bucket.tokens -= cost
         return 0.0
 

@@ -51,3 +51,16 @@ def test_memory_is_bounded() -> None:
     for i in range(MAX_BUCKETS + 10):
         limiter.admit(f"u{i}", 1, float(i))
     assert len(limiter._buckets) <= MAX_BUCKETS
+
+
+def test_refused_at_once_are_told_their_own_turns() -> None:
+    """Forty refused in one burst are told 1, 2, ... 40 tokens' time; each re-sent after its
+    own wait is admitted (no retry storm), and the turns lapse once their time is past."""
+    limiter = RateLimiter(rate_per_s=5, burst=10)
+    assert all(limiter.admit("u", 1, 0.0) == 0.0 for _ in range(10))
+    waits = [limiter.admit("u", 1, 0.0) for _ in range(40)]
+    assert waits == pytest.approx([(i + 1) / 5 for i in range(40)])
+    assert [limiter.admit("u", 1, w) for w in waits] == [0.0] * 40
+    later = 1000.0  # long after: a full bucket, no turns owed
+    assert all(limiter.admit("u", 1, later) == 0.0 for _ in range(10))
+    assert limiter.admit("u", 1, later) == pytest.approx(0.2)

@@ -394,7 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("dev", help="run everything locally: PostgreSQL, Mosquitto, gateway")
-    p.add_argument("--keep", action="store_true", help="keep the data folder on exit")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the broker's and the database's files on exit, to look at (a new "
+        "gateway dev always starts afresh)",
+    )
     p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser(

@@ -222,10 +222,11 @@ def run_dev(*, keep: bool = False) -> int:
     finally:
         _say("stopping Mosquitto and PostgreSQL ...")
         broker.stop()
-        pg.remove()
-        if keep:
-            _say(f"data kept in {workdir}")
+        if keep:  # for a look afterwards (postgres -D <cluster>), not to start again from
+            pg.stop()
+            _say(f"data kept in {workdir} (PostgreSQL cluster: {pg.data_dir})")
         else:
+            pg.remove()
             shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -281,6 +281,11 @@ class PostgresServer:
         self._data = data
         return data
 
+    @property
+    def data_dir(self) -> Path | None:
+        """Where the cluster's files are (outside ``base_dir`` when run as another user)."""
+        return self._data
+
     def remove(self) -> None:
         """Stop and delete the cluster's files."""
         self.stop()

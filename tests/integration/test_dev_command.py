@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -89,7 +90,7 @@ def accepts(port: int) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def gateway_dev(tmp_path: Path) -> AsyncIterator[DevRun]:
+async def gateway_dev(tmp_path: Path, *options: str) -> AsyncIterator[DevRun]:
     """Start ``gateway dev``; read its output up to "Ctrl-C stops"; clean up whatever remains."""
     stderr = (tmp_path / "dev.stderr").open("wb")
     proc = await asyncio.create_subprocess_exec(
@@ -97,6 +98,7 @@ async def gateway_dev(tmp_path: Path) -> AsyncIterator[DevRun]:
         "-m",
         "gateway.cli",
         "dev",
+        *options,
         stdout=asyncio.subprocess.PIPE,
         stderr=stderr,
         stdin=asyncio.subprocess.DEVNULL,
@@ -153,6 +155,27 @@ async def gateway_dev(tmp_path: Path) -> AsyncIterator[DevRun]:
                 await asyncio.wait_for(drain, 10)
             drain.cancel()
         stderr.close()
+
+
+async def test_gateway_dev_keep_leaves_the_broker_and_database_files(tmp_path: Path) -> None:
+    """--keep: after Ctrl-C the broker's folder and the PostgreSQL cluster (which lives apart
+    when run as root) are both still there, and the output says where."""
+    async with gateway_dev(tmp_path, "--keep") as dev:
+        pass
+    kept = [ln for ln in dev.lines if "data kept in " in ln]
+    assert kept, dev.lines
+    found = re.search(r"data kept in (\S+) \(PostgreSQL cluster: (\S+)\)", kept[0])
+    assert found, kept
+    workdir, cluster = Path(found[1]), Path(found[2])
+    try:
+        assert (workdir / "mosquitto").is_dir()
+        assert (cluster / "PG_VERSION").is_file()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(
+            cluster.parent if cluster.parent.name.startswith("hydrobit-pg-") else cluster,
+            ignore_errors=True,
+        )
 
 
 async def test_gateway_dev_end_to_end(tmp_path: Path) -> None:

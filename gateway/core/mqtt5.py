@@ -280,6 +280,12 @@ def topic_header(topic: str) -> bytes:
     return utf8(topic)
 
 
+# Payload Format Indicator 1 (UTF-8) and Content Type application/json: what the gateway
+# publishes (replies, events, state, status) says what it is, for MQTT 5 clients that look
+JSON_PROPERTIES = b"\x01\x01" + b"\x03" + utf8("application/json")
+_JSON_ONLY = varint(len(JSON_PROPERTIES)) + JSON_PROPERTIES
+
+
 def encode_publish(
     topic: bytes,
     payload: bytes,
@@ -289,12 +295,14 @@ def encode_publish(
     retain: bool = False,
     correlation: bytes | None = None,
     expiry_s: int | None = None,
+    json: bool = True,
 ) -> bytes:
-    """A PUBLISH; ``topic`` is the ``topic_header`` (callers cache it)."""
+    """A PUBLISH; ``topic`` is the ``topic_header`` (callers cache it); ``json``: the payload
+    is JSON text (marked so), else bytes without properties."""
     if correlation is None and expiry_s is None:
-        props = b"\x00"
+        props = _JSON_ONLY if json else b"\x00"
     else:
-        p = b""
+        p = JSON_PROPERTIES if json else b""
         if expiry_s is not None:
             p += b"\x02" + _pack_i(expiry_s)
         if correlation is not None:

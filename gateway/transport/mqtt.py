@@ -697,6 +697,7 @@ class MqttLink:
         retain: bool = False,
         correlation: bytes | None = None,
         expiry_s: int | None = None,
+        json: bool = True,
     ) -> asyncio.Future[None]:
         """Queue a publish now; the future resolves at PUBACK (at once for QoS 0)."""
         if self._wire is None or self._lost is None or self._lost.done():
@@ -710,6 +711,7 @@ class MqttLink:
             retain=retain,
             correlation=correlation,
             expiry_s=expiry_s,
+            json=json,
         )
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if qos:

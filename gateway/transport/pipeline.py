@@ -231,9 +231,9 @@ class Pipeline:
                 if reply.topic is not None:
                     link.reply(reply.topic, reply.payload, reply.correlation)
                 if reply.clear_retained is not None:
-                    link.publish(reply.clear_retained, b"", retain=True).add_done_callback(
-                        retrieved
-                    )
+                    link.publish(
+                        reply.clear_retained, b"", retain=True, json=False
+                    ).add_done_callback(retrieved)
             except PublishError:
                 # Not connected: the request stays unacknowledged and will be redelivered.
                 self._metrics.inc("gateway_replies_lost_total")

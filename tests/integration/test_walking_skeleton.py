@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import aiomqtt
+
+from tests.conftest import PREFIX
 from tests.support.devices import Device, LegacyDevice
+from tests.support.servers import Servers
 from tests.support.tenants import Tenant, record
 
 
@@ -49,3 +56,38 @@ async def test_legacy_device_uses_payload_token_and_reply_to(
     assert reply["status"] == "success", reply
     assert reply["requestId"] == "legacy-1"
     assert reply["clientEventId"] == rec["clientEventId"]
+
+
+async def test_replies_events_and_state_say_they_are_json(
+    servers: Servers, device: Device, tenant: Tenant
+) -> None:
+    """MQTT 5 subscribers see what the gateway publishes marked as UTF-8 (Payload Format
+    Indicator 1) JSON (Content Type application/json): replies, events and retained state."""
+    async with aiomqtt.Client(
+        servers.mqtt_host, servers.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5
+    ) as watcher:
+        await watcher.subscribe(f"{PREFIX}/sessions/+/#", qos=1)
+        await watcher.subscribe(device.reply_topic, qos=1)
+        opened = await device.request("sessions/open", tenant.open_payload())
+        sid = opened["data"]["sessionId"]
+        await device.request(f"sessions/{sid}/records", record())
+        await device.request(f"sessions/{sid}/close", {})
+        kinds: dict[str, Any] = {}
+        async with asyncio.timeout(15):
+            async for msg in watcher.messages:
+                topic = str(msg.topic)
+                kind = (
+                    "reply"
+                    if topic == device.reply_topic
+                    else topic.rsplit("/", 1)[-1]
+                    if topic.startswith(f"{PREFIX}/sessions/{sid}/")
+                    else None
+                )
+                if kind in ("reply", "events", "state"):
+                    kinds[kind] = msg.properties
+                if len(kinds) == 3:
+                    break
+    for kind, properties in kinds.items():
+        assert properties is not None, kind
+        assert getattr(properties, "ContentType", None) == "application/json", kind
+        assert getattr(properties, "PayloadFormatIndicator", None) == 1, kind

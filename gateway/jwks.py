@@ -248,7 +248,15 @@ class JwksSource:
         if any(kids.get(kid) != key for kid, key in self._kids.items()):
             self.verifier.forget_verified()
         if kids.keys() != self._kids.keys():
-            log.info("JWKS from %s: kids %s", self.location.display, sorted(kids))
+            usable = sorted(kid for kid in kids if self.verifier.keys.by_kid(kid) is not None)
+            log.info("JWKS from %s: kids %s", self.location.display, usable)
+            if ignored := sorted(kids.keys() - set(usable)):
+                log.warning(
+                    "JWKS from %s: keys %s ignored (a type, curve or alg this gateway does not "
+                    "accept, or a key that does not match its alg): tokens naming them are refused",
+                    self.location.display,
+                    ignored,
+                )
         self._kids = kids
         self.verifier.unknown_kids.clear()
 

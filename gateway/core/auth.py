@@ -68,6 +68,9 @@ def _verifies(key: PyJWK) -> bool:
 # what a request carries when it sent two different authorization values (two MQTT user
 # properties, two HTTP headers): refused, rather than one picked, which could act as another user
 AMBIGUOUS_AUTHORIZATION = "\x00two different authorization values"
+# A JWT is a few hundred bytes (a JWKS-signed one with many claims, a few KB): longer is abuse.
+MAX_AUTHORIZATION = 16_384
+CACHEABLE_AUTHORIZATION = 4_096  # 10,000 cached tokens: ~40 MB at worst
 
 
 def one_authorization(carried: str | None, in_payload: str | None) -> str | None:
@@ -126,7 +129,14 @@ class TokenVerifier:
         self._cache.clear()
 
     def verify(self, authorization: str | None) -> Claims:
-        """The claims of a verified token; the cache is keyed by the whole header value."""
+        """The claims of a verified token; the cache is keyed by the whole header value, and
+        holds only values of a token's usual size (a flood of padded copies of one good token
+        must not fill memory)."""
+        if authorization is not None and len(authorization) > MAX_AUTHORIZATION:
+            raise Unauthorized(
+                f"authorization is {len(authorization)} characters; a token is at most "
+                f"{MAX_AUTHORIZATION}: send 'Bearer <jwt>' alone"
+            )
         now = self._clock()
         cached = self._cache.get(authorization) if authorization else None
         if cached is not None:
@@ -135,6 +145,8 @@ class TokenVerifier:
                 raise Unauthorized("token expired: get a new one")
             return cached
         claims = self._verify_uncached(bearer_token(authorization), now)
+        if len(authorization) > CACHEABLE_AUTHORIZATION:  # type: ignore[arg-type]
+            return claims
         if len(self._cache) >= self._cache_size:
             # FIFO eviction: drop the oldest eighth so the cost is amortised.
             for old in list(self._cache)[: max(1, self._cache_size // 8)]:

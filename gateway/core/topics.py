@@ -32,6 +32,9 @@ _RECORD_ACTIONS = {"get": Op.GET_RECORD, "void": Op.VOID_RECORD}
 
 MAX_ID_LENGTH = 128
 TOPIC_CACHE = 50_000
+# only topics of a sane length are remembered: a flood of long made-up topics must not fill
+# memory (50,000 of at most this many characters: ~20 MB at worst)
+CACHEABLE_TOPIC = 256
 
 # (levels after the prefix, first level, last level) of every topic the gateway reads or owns
 _RESERVED_SHAPES = frozenset(
@@ -74,9 +77,10 @@ class Topics:
         except KeyError:
             pass
         route = self._parse(topic)
-        if len(self._routes) >= TOPIC_CACHE:
-            self._routes.clear()
-        self._routes[topic] = route
+        if len(topic) <= CACHEABLE_TOPIC:
+            if len(self._routes) >= TOPIC_CACHE:
+                self._routes.clear()
+            self._routes[topic] = route
         return route
 
     def _parse(self, topic: str) -> Route | None:
@@ -149,9 +153,10 @@ class Topics:
         if known is not None:
             return known
         allowed = self._reply_allowed(topic)
-        if len(self._allowed) >= TOPIC_CACHE:
-            self._allowed.clear()
-        self._allowed[topic] = allowed
+        if len(topic) <= CACHEABLE_TOPIC:
+            if len(self._allowed) >= TOPIC_CACHE:
+                self._allowed.clear()
+            self._allowed[topic] = allowed
         return allowed
 
     def _reply_allowed(self, topic: str) -> bool:

@@ -504,3 +504,18 @@ def test_one_authorization_from_property_and_payload(
 ) -> None:
     """A token sent both as user property and in the payload must be the same one."""
     assert one_authorization(carried, in_payload) == taken
+
+
+def test_padded_copies_of_a_good_token_neither_pass_nor_fill_the_cache() -> None:
+    """'Bearer' + 200,000 spaces + a valid token, sent in a flood of different paddings, is
+    refused (too long); padded within the limit it verifies but is not remembered, so the
+    cache stays small whatever the flood."""
+    v = verifier()
+    token = hs256(claims())
+    with pytest.raises(Unauthorized, match="at most"):
+        v.verify("Bearer " + " " * 200_000 + token)
+    for pad in range(5_000, 5_010):
+        assert v.verify("Bearer " + " " * pad + token).sub == SUB
+    assert len(v._cache) == 0
+    assert v.verify(bearer(token)).sub == SUB
+    assert len(v._cache) == 1

@@ -32,9 +32,27 @@ def test_payloads_without_a_token_are_untouched() -> None:
     assert redact_tokens(raw) == raw
 
 
+def test_a_token_whose_header_has_a_space_is_redacted_too() -> None:
+    """A header written '{ "alg": ...}' encodes as 'eyAi...', not 'eyJ...': still a JWT."""
+    spaced = jwt.api_jws.encode(
+        b'{"sub": "user_1", "exp": 4000000000}', "s" * 32, algorithm="HS256"
+    )
+    header = jwt.utils.base64url_encode(b'{ "alg": "HS256", "typ": "JWT" }').decode()
+    token = ".".join([header, *spaced.split(".")[1:]])
+    assert token.startswith("eyA")
+    out = redact_tokens(b'{"authorization": "Bearer ' + token.encode() + b'"}')
+    assert token.split(".")[2].encode() not in out
+    assert b"<redacted>" in out
+
+
+def test_a_bearer_value_that_is_no_jwt_is_redacted_whole() -> None:
+    raw = b'{"authorization": "bearer opaque-session-key-123", "units": 1}'
+    assert redact_tokens(raw) == b'{"authorization": "bearer <redacted>", "units": 1}'
+
+
 @given(st.binary(max_size=300))
 def test_redaction_leaves_token_free_bytes_alone(raw: bytes) -> None:
     out = redact_tokens(raw)
-    if b"eyJ" not in raw:
+    if b"ey" not in raw and b"bearer" not in raw.lower():
         assert out == raw
     assert isinstance(out, bytes)

@@ -222,3 +222,16 @@ def test_reply_refusal_names_the_topic_the_rule_and_an_example() -> None:
     assert "wildcard" in message and f"{P}/clients/<client id>/replies" in message
     long = Topics(P).reply_refusal("Response Topic", "x" * 70_000)
     assert len(long) < 400 and "(70000 characters)" in long
+
+
+def test_long_made_up_topics_are_answered_but_not_remembered() -> None:
+    """A flood of long distinct topics (refused ids, refused reply topics) must not fill
+    memory: their answers are computed each time, only sane-length topics are cached."""
+    topics = Topics(P)
+    for i in range(100):
+        long_id = f"{i:06d}" + "s" * 5_000
+        assert topics.parse(f"{P}/sessions/{long_id}/get") is None
+        assert topics.reply_allowed(f"{P}/clients/dev/{'r' * 2_000}{i}") is False
+    assert topics.parse(f"{P}/sessions/abc/get") is not None
+    assert topics.reply_allowed(f"{P}/clients/dev/replies")
+    assert len(topics._routes) == 1 and len(topics._allowed) == 1

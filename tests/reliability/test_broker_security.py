@@ -174,7 +174,10 @@ async def test_device_cannot_read_another_clients_replies(
         assert live_topics(seen_by_a) == [done]
         if secret_topic.startswith(f"{PREFIX}/clients/device-b/"):
             assert (await device_b.until(secret_topic))[-1].payload == b"secret"
-        assert live_topics(await op.until(done)) == [secret_topic, done]
+        # operators read everything but requests (they carry the device's token)
+        is_request = secret_topic == f"{PREFIX}/records/check-idempotency"
+        expected = [done] if is_request else [secret_topic, done]
+        assert live_topics(await op.until(done)) == expected
 
 
 async def test_borrowed_client_id_does_not_open_another_clients_replies(
@@ -230,16 +233,19 @@ async def test_device_reads_events_state_and_gateway_status(broker: SecureBroker
 async def test_devices_and_operators_cannot_publish_gateway_topics(
     broker: SecureBroker, topic: str, user: str
 ) -> None:
-    """A publish outside the request topics gets PUBACK 0x87 and reaches no subscriber."""
+    """A publish outside the request topics gets PUBACK 0x87 and reaches no subscriber (the
+    gateway's user, which reads everything, watches; a device sends the closing marker, as
+    operators may send no request at all)."""
     async with (
         broker.client(user, transport="ws") as sender,
-        broker.client("operator", client_id=f"op-{secrets.token_hex(3)}") as op,
+        broker.client("device-b", transport="ws") as device,
+        broker.client("hydrobit-gateway", client_id=f"gw-{secrets.token_hex(3)}") as watcher,
     ):
-        await op.subscribe(f"{PREFIX}/#", "outside/#")
+        await watcher.subscribe(f"{PREFIX}/#", "outside/#")
         assert await sender.publish(topic, b'{"status":"online"}', retain=True) == NOT_AUTHORIZED
         done = f"{PREFIX}/sessions/open"
-        assert await sender.publish(done, b"{}") == 0
-        assert live_topics(await op.until(done)) == [done]
+        assert await device.publish(done, b"{}") == 0
+        assert live_topics(await watcher.until(done)) == [done]
 
 
 @pytest.mark.parametrize(
@@ -258,16 +264,24 @@ async def test_devices_and_operators_cannot_publish_gateway_topics(
     ],
 )
 async def test_device_may_publish_every_request_topic(broker: SecureBroker, suffix: str) -> None:
-    """Each of the ten request topics of SPEC §2 is accepted (PUBACK 0) and reaches operators."""
+    """Each of the ten request topics of SPEC §2 is accepted (PUBACK 0) and reaches the
+    gateway's user, not operators: a request carries its device's token. Its reply topic
+    still reaches operators."""
     async with (
         broker.client("device-a", transport="wss") as device,
         broker.client("operator", client_id=f"op-{secrets.token_hex(3)}") as op,
+        broker.client("hydrobit-gateway", client_id=f"gw-{secrets.token_hex(3)}") as gw,
     ):
         await op.subscribe(f"{PREFIX}/#")
+        await gw.subscribe(f"{PREFIX}/#")
         topic = f"{PREFIX}/{suffix}"
         assert await device.publish(topic, b'{"requestId":"r"}') == 0
-        received = await op.until(topic)
+        received = await gw.until(topic)
         assert received[-1].payload == b'{"requestId":"r"}'
+        assert await gw.publish(f"{topic}/reply", b'{"status":"success"}') == 0
+        seen = await op.until(f"{topic}/reply")
+        assert [str(m.topic) for m in seen] == [f"{topic}/reply"]  # the request never came
+        assert await op.publish(topic, b'{"requestId":"op"}') != 0  # nor may they send one
 
 
 # --- the gateway against the hardened broker ----------------------------------------------------

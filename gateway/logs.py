@@ -58,6 +58,22 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
     # asyncpg's pool warns with a full traceback every few seconds while PostgreSQL is away;
     # the gateway says so itself in one line: keep asyncpg's line, not the traceback
     logging.getLogger("asyncpg.pool").addFilter(_without_traceback)
+    # a malformed HTTP request (headers over aiohttp's limits, garbage) is the client's fault:
+    # one warning line, not an ERROR with a traceback anyone can make the sidecar write
+    logging.getLogger("aiohttp.server").addFilter(_client_fault_in_one_line)
+
+
+def _client_fault_in_one_line(record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and type(exc).__module__ == "aiohttp.http_exceptions":
+        cause = f"{type(exc).__name__}: {exc}"[:300]
+        if record.args:  # msg is %-formatted with them later
+            cause = cause.replace("%", "%%")
+        record.msg = f"{record.msg}: {cause}"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:

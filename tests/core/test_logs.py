@@ -52,3 +52,29 @@ def test_a_fatal_error_is_written_as_the_logs_are(capsys: pytest.CaptureFixture[
     setup_logging("INFO", "text")
     fatal("no JWT key configured")
     assert capsys.readouterr().err == "error: no JWT key configured\n"
+
+
+@pytest.mark.usefixtures("logging_as_set_up")
+def test_a_malformed_http_request_is_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp logs a client's oversize headers as an ERROR with a traceback; anyone could
+    make the sidecar write those: one WARNING line instead."""
+    from aiohttp.http_exceptions import LineTooLong
+
+    setup_logging("INFO", "text")
+    logger = logging.getLogger("aiohttp.server")
+    try:
+        raise LineTooLong(b"x" * 10, "32768", "100000")
+    except LineTooLong as exc:
+        record = logger.makeRecord(
+            logger.name,
+            logging.ERROR,
+            __file__,
+            1,
+            "Error handling request from %s",
+            ("127.0.0.1",),
+            (type(exc), exc, exc.__traceback__),
+        )
+    assert logger.filter(record)
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert record.getMessage().startswith("Error handling request from 127.0.0.1: LineTooLong")

@@ -46,7 +46,7 @@ class DeadLetterWriter:
             DeadLetter(
                 received_at=m.received_at,
                 # an HTTP refusal's "topic" is its URL, which may carry a token (?access_token=)
-                topic=_text(_capped(redact_tokens(m.topic.encode()).decode(errors="replace"))),
+                topic=_text(capped_topic(redact_tokens(m.topic.encode()).decode(errors="replace"))),
                 reason=refusal.code,
                 message=_text(
                     redact_tokens(refusal.message[:1000].encode()).decode(errors="replace")
@@ -107,7 +107,7 @@ class DeadLetterWriter:
 # A JWT (header.claims.signature, base64url): what a 3.1.1 device puts in "authorization".
 # Its header is a JSON object, so it starts "ey" whatever follows the "{" ('eyJ' for '{"',
 # 'eyA' for '{ ', ...).
-_JWT = re.compile(rb"(ey[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.)[A-Za-z0-9_-]+")
+_JWT = re.compile(rb"(ey[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{2,}\.)[A-Za-z0-9_-]+")
 # Whatever else follows a Bearer scheme (a token in another form): all of it.
 _BEARER = re.compile(rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.)[^\s\"\\&]+")
 MAX_TOPIC = 1024
@@ -120,7 +120,7 @@ def redact_tokens(payload: bytes) -> bytes:
     return _BEARER.sub(rb"\1<redacted>", _JWT.sub(rb"\1<redacted>", payload))
 
 
-def _capped(topic: str) -> str:
+def capped_topic(topic: str) -> str:
     """A topic as kept: a very long one (refused for that) is cut, its length said."""
     if len(topic) <= MAX_TOPIC:
         return topic

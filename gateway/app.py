@@ -261,6 +261,7 @@ class Gateway:
             batch_wait_s=s.batch_wait_ms / 1000,
             max_inflight=s.max_inflight,
             depth=s.pipeline_depth,
+            probe=store.ping,
         )
         link.on_message = pipeline.submit
         link.on_disconnected = pipeline.connection_lost

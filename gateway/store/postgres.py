@@ -35,9 +35,22 @@ HOT_CONNECTIONS = 4  # at least GATEWAY_PIPELINE_DEPTH, plus room for the REST m
 
 
 def is_transient(exc: BaseException) -> bool:
+    """Worth a retry on a fresh connection: the database or the link to it failed, not us.
+
+    ``InternalClientError`` is asyncpg's "cannot switch to state ...; another operation is in
+    progress": on a fast shutdown the server's FATAL arrives on an idle connection and the next
+    query meets it before the connection is seen closed. It is an outage, not a bug.
+    """
     if isinstance(exc, asyncpg.PostgresError):
         return str(getattr(exc, "sqlstate", "") or "")[:2] in _TRANSIENT_CLASSES
-    return isinstance(exc, OSError | asyncpg.InterfaceError | TimeoutError | ConnectionError)
+    return isinstance(
+        exc,
+        OSError
+        | asyncpg.InterfaceError
+        | asyncpg.InternalClientError
+        | TimeoutError
+        | ConnectionError,
+    )
 
 
 def connect_error(exc: Exception) -> Exception:

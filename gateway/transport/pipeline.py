@@ -21,7 +21,7 @@ import logging
 import time
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
+PROBE_TIMEOUT_S = 5.0
 MAX_UNCONFIRMED_REPLIES = 30_000  # packet ids wrap at 65,535
 
 
@@ -76,8 +77,10 @@ class Pipeline:
         batch_wait_s: float,
         max_inflight: int = 2_000,
         depth: int = 2,
+        probe: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._link = link
+        self._probe = probe
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._topics = topics
@@ -195,7 +198,16 @@ class Pipeline:
         while True:
             started = time.perf_counter()
             try:
-                replies = await self._dispatcher.handle(batch)
+                try:
+                    replies = await self._dispatcher.handle(batch)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    if await self._database_answers():
+                        raise
+                    # the database went away and its driver said so in an unexpected way:
+                    # an outage, not a bug; nothing is answered, the batch waits
+                    raise StoreUnavailable(f"PostgreSQL unavailable: {exc!r}") from exc
             except StoreUnavailable as exc:
                 self.store_ok = False
                 self._metrics.inc("gateway_store_retries_total")
@@ -221,6 +233,16 @@ class Pipeline:
             self.store_ok = True
             self._metrics.observe_batch(len(batch), time.perf_counter() - started)
             return replies
+
+    async def _database_answers(self) -> bool:
+        """After an unexpected failure: is PostgreSQL still there (then it was a bug)?"""
+        if self._probe is None:
+            return True
+        try:
+            await asyncio.wait_for(self._probe(), PROBE_TIMEOUT_S)
+        except Exception:
+            return False
+        return True
 
     async def _answer(self, batch: Sequence[Inbound], replies: Sequence[Reply]) -> None:
         link = self._link

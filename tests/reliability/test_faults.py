@@ -70,7 +70,7 @@ async def metric(proc: GatewayProcess, name: str) -> float:
         http.get(f"http://127.0.0.1:{proc.http_port}/metrics") as resp,
     ):
         text = await resp.text()
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
 
 
@@ -168,6 +168,35 @@ async def test_database_outage_holds_requests_then_lands_them_once(stack: Privat
     assert 1 <= retries <= 30  # backoff, not a spin
     await assert_exactly_once(stack, stream)
     assert await readyz(gateway) == 200
+
+
+async def test_fast_shutdowns_mid_stream_answer_nothing_internal(stack: PrivateStack) -> None:
+    """PostgreSQL fast-stopped (SIGINT) three times under a steady stream. Its FATAL reaches
+    idle connections, and asyncpg then fails the next query with InternalClientError ("another
+    operation is in progress") rather than a connection error: that is an outage too. No
+    request may be answered INTERNAL (and so acknowledged, never to be redelivered)."""
+    gateway = stack.gateway("fast").start()
+    await gateway.wait_ready()
+    tenant = await stack.tenant()
+    sid = await open_session(stack, tenant)
+    stream = RecordStream(
+        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 1500
+    )
+    await stream.connect()
+    try:
+        sending = asyncio.create_task(stream.send(0, 1500, pause_every=5))
+        for _ in range(3):
+            await asyncio.sleep(0.4)
+            await asyncio.to_thread(stack.pg.stop)
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(stack.pg.start)
+        await sending
+        await stream.settle()
+    finally:
+        await stream.close()
+    assert [r["error"]["code"] for r in stream.failures()] == []
+    await assert_exactly_once(stack, stream)
+    assert await metric(gateway, 'gateway_refused_total{code="INTERNAL"}') == 0
 
 
 async def test_a_hung_database_is_not_ready_at_once(stack: PrivateStack) -> None:

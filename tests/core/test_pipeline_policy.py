@@ -1,0 +1,119 @@
+"""The pipeline's retry policy, with stand-ins for the broker link and the dispatcher: a batch
+that fails unexpectedly while the database does not answer is an outage (held, retried, never
+answered INTERNAL); one that fails while the database answers is a bug (answered INTERNAL, so
+acknowledged rather than redelivered for ever)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import cast
+
+from gateway.core.topics import Topics
+from gateway.metrics import Metrics
+from gateway.transport.dispatch import Dispatcher, Reply
+from gateway.transport.mqtt import Inbound, MqttLink
+from gateway.transport.pipeline import Pipeline
+
+
+class Link:
+    """What the pipeline calls on the broker link, written down."""
+
+    unconfirmed_publishes = 0
+
+    def __init__(self) -> None:
+        self.replies: list[tuple[str, bytes]] = []
+        self.acked: list[int] = []
+
+    def reply(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        self.replies.append((topic, payload))
+
+    def ack(self, msg: Inbound) -> None:
+        self.acked.append(msg.mid)
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Dispatcher_:
+    """Fails its first ``failures`` batches with ``exc``, then answers each request "ok"."""
+
+    def __init__(self, failures: int, exc: Exception) -> None:
+        self.failures = failures
+        self.exc = exc
+        self.calls = 0
+
+    async def handle(self, batch: Sequence[Inbound]) -> list[Reply]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise self.exc
+        return [Reply(f"{m.topic}/reply", b"ok", None) for m in batch]
+
+    def fail_all(self, batch: Sequence[Inbound], exc: BaseException) -> list[Reply]:
+        return [Reply(f"{m.topic}/reply", b"INTERNAL", None) for m in batch]
+
+
+def inbound(mid: int) -> Inbound:
+    return Inbound(
+        topic="hydrobit/v2/sessions/s1/records",
+        payload=b"{}",
+        qos=1,
+        mid=mid,
+        response_topic=None,
+        correlation=None,
+        authorization=None,
+        received_at=datetime.now(UTC),
+        epoch=1,
+    )
+
+
+async def run_one_batch(dispatcher: Dispatcher_, probe_fails: bool) -> tuple[Link, Metrics]:
+    link, metrics = Link(), Metrics()
+    probes: list[int] = []
+
+    async def probe() -> None:
+        probes.append(1)
+        if probe_fails:
+            raise ConnectionRefusedError("connection refused")
+
+    pipeline = Pipeline(
+        cast(MqttLink, link),
+        cast(Dispatcher, dispatcher),
+        metrics,
+        Topics("hydrobit/v2"),
+        batch_max=10,
+        batch_wait_s=0,
+        depth=1,
+        probe=probe,
+    )
+    running = asyncio.create_task(pipeline.run())
+    for mid in (1, 2, 3):
+        pipeline.submit(inbound(mid))
+    for _ in range(200):
+        if len(link.acked) == 3:
+            break
+        await asyncio.sleep(0.02)
+    pipeline.stop()
+    await asyncio.wait_for(running, 5)
+    assert probes, "the database was not asked"
+    return link, metrics
+
+
+async def test_an_odd_failure_while_the_database_is_away_is_held_and_retried() -> None:
+    link, metrics = await run_one_batch(
+        Dispatcher_(1, RuntimeError("cannot switch to state 12")), probe_fails=True
+    )
+    assert [payload for _, payload in link.replies] == [b"ok"] * 3
+    assert link.acked == [1, 2, 3]
+    assert metrics.value("gateway_store_retries_total") == 1
+    assert metrics.value("gateway_batch_failures_total") == 0
+
+
+async def test_a_failure_while_the_database_answers_is_a_bug_answered_internal() -> None:
+    link, metrics = await run_one_batch(Dispatcher_(1, RuntimeError("a bug")), probe_fails=False)
+    assert [payload for _, payload in link.replies] == [b"INTERNAL"] * 3
+    assert link.acked == [1, 2, 3]
+    assert metrics.value("gateway_batch_failures_total") == 1
+    assert metrics.value("gateway_store_retries_total") == 0

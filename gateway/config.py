@@ -21,7 +21,7 @@ DEFAULT_MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883, "ws": 80, "wss": 443}
 class MqttEndpoint:
     """The parts of ``GATEWAY_MQTT_URL`` the transport needs."""
 
-    __slots__ = ("host", "path", "port", "scheme")
+    __slots__ = ("host", "password", "path", "port", "scheme", "username")
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -35,6 +35,16 @@ class MqttEndpoint:
         self.host = parts.hostname
         self.port = parts.port or DEFAULT_MQTT_PORTS[parts.scheme]
         self.path = parts.path or "/mqtt"
+        # mqtt://user:password@host: the login, as GATEWAY_MQTT_USERNAME/PASSWORD would give it
+        self.username = unquote(parts.username) if parts.username is not None else None
+        self.password = unquote(parts.password) if parts.password is not None else None
+
+    def display(self) -> str:
+        """The URL without its password, for logs."""
+        user = f"{self.username}@" if self.username else ""
+        path = self.path if self.websocket else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{user}{host}:{self.port}{path}"
 
     @property
     def websocket(self) -> bool:
@@ -206,9 +216,34 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_mqtt_login(self) -> Settings:
+        endpoint = MqttEndpoint(self.mqtt_url)
+        if endpoint.username is not None and (self.mqtt_username or self.mqtt_password):
+            raise ValueError(
+                "GATEWAY_MQTT_URL carries a login and GATEWAY_MQTT_USERNAME or "
+                "GATEWAY_MQTT_PASSWORD is set too: give the login once (the variables keep "
+                "the password out of the URL)"
+            )
+        return self
+
     @cached_property
     def mqtt(self) -> MqttEndpoint:
         return MqttEndpoint(self.mqtt_url)
+
+    @property
+    def broker_username(self) -> str | None:
+        """The broker login: GATEWAY_MQTT_USERNAME, else the user in GATEWAY_MQTT_URL."""
+        return self.mqtt_username or self.mqtt.username or None
+
+    @property
+    def broker_password(self) -> str | None:
+        return self.mqtt_password or self.mqtt.password
+
+    @property
+    def mqtt_display(self) -> str:
+        """The broker URL without its password, for logs."""
+        return self.mqtt.display()
 
     @property
     def database_display(self) -> str:
@@ -248,7 +283,7 @@ BROKER_MESSAGE_SIZE_LIMIT = 1_048_576
 def advice(settings: Settings) -> list[str]:
     """Settings that are valid but probably not what the operator wants."""
     found = []
-    if settings.mqtt_username and settings.share_group == DEFAULT_SHARE_GROUP:
+    if settings.broker_username and settings.share_group == DEFAULT_SHARE_GROUP:
         found.append(
             f"GATEWAY_SHARE_GROUP is the published default {DEFAULT_SHARE_GROUP!r} on a broker "
             "with logins: a device that subscribes to $share/hydrobit-gateway/... takes requests "

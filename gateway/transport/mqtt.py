@@ -51,6 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.2
+# A broker that is down is tried again at least this often: until we are back and subscribed,
+# mosquitto answers the devices' requests "no matching subscribers" (0x10) and drops them (it
+# does not restore shared subscriptions of persisted sessions), so the gap must stay short.
+BACKOFF_DOWN_MAX_S = 2.0
+# A connection dropped as soon as it was made (another process taking our client id back and
+# forth, a broker closing on us) backs off further.
 BACKOFF_MAX_S = 10.0
 STABLE_S = 10.0  # connected this long, a drop starts the backoff over
 CONNECT_TIMEOUT_S = 10.0
@@ -331,7 +337,8 @@ class MqttLink:
     async def run(self) -> None:
         """Connect, subscribe and stay connected until ``stop()``; reconnect with backoff."""
         delay = BACKOFF_INITIAL_S
-        url = self._settings.mqtt_url
+        flapping = False
+        url = self._settings.mqtt_display
         while not self._stopping.is_set():
             epoch = self._epoch
             try:
@@ -341,7 +348,8 @@ class MqttLink:
                 if self._epoch == 0:  # never got in: a setting to fix, not an outage to wait out
                     raise ConfigError(
                         f"{exc} at {url}: check GATEWAY_MQTT_USERNAME, GATEWAY_MQTT_PASSWORD "
-                        "and GATEWAY_MQTT_CLIENT_ID against the broker's password file and ACL"
+                        "(or the user:password in GATEWAY_MQTT_URL) and GATEWAY_MQTT_CLIENT_ID "
+                        "against the broker's password file and ACL"
                     ) from None
                 failure = exc
             except ssl.SSLCertVerificationError as exc:
@@ -361,12 +369,21 @@ class MqttLink:
                 break
             # A connection that lasted is a fresh drop: retry soon. One dropped at once (another
             # process with our client id takes the session back and forth) keeps backing off.
-            if self._epoch != epoch and time.monotonic() - self._connected_at >= STABLE_S:
-                delay = BACKOFF_INITIAL_S
-            log.warning("mqtt connection to %s failed: %s; retrying in %.1f s", url, failure, delay)
+            if self._epoch != epoch:  # we got in this time
+                if time.monotonic() - self._connected_at >= STABLE_S:
+                    delay = BACKOFF_INITIAL_S
+                flapping = True
+            elif delay <= BACKOFF_DOWN_MAX_S:
+                flapping = False
+            log.warning(
+                "mqtt connection to %s failed: %s; retrying in %.1f s",
+                self._settings.mqtt_display,
+                failure,
+                delay,
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, BACKOFF_MAX_S)
+            delay = min(delay * 2, BACKOFF_MAX_S if flapping else BACKOFF_DOWN_MAX_S)
 
     async def _open_wire(self) -> _Wire:
         s = self._settings
@@ -413,8 +430,8 @@ class MqttLink:
                 session_expiry=s.mqtt_session_expiry_s,
                 # no limit asked of the broker (2.0.11 miscounts it): we pause reading instead
                 receive_maximum=65_535,
-                username=s.mqtt_username,
-                password=s.mqtt_password,
+                username=s.broker_username,
+                password=s.broker_password,
                 will=(
                     Will(self._status_topic, self._offline_payload(), qos=1, retain=True)
                     if self._status_topic is not None
@@ -432,7 +449,7 @@ class MqttLink:
         self._connected_at = time.monotonic()  # (the epoch moved on when the CONNACK was read)
         log.info(
             "mqtt connected to %s as %s (session present: %s)",
-            s.mqtt_url,
+            s.mqtt_display,
             s.mqtt_client_id,
             self.session_present,
         )
@@ -531,7 +548,7 @@ class MqttLink:
             self._write(mqtt5.encode_disconnect())
         if self._wire is not None:
             self._wire.close()
-        log.info("mqtt disconnected from %s", self._settings.mqtt_url)
+        log.info("mqtt disconnected from %s", self._settings.mqtt_display)
 
     async def _keepalive(self) -> None:
         interval = self._settings.mqtt_keepalive_s
@@ -562,7 +579,7 @@ class MqttLink:
         self._pending.clear()
         self._capacity.set()
         if was_connected and not self._stopping.is_set():
-            log.warning("mqtt connection to %s lost", self._settings.mqtt_url)
+            log.warning("mqtt connection to %s lost", self._settings.mqtt_display)
         if was_connected and self.on_disconnected:
             self.on_disconnected()
 

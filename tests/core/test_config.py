@@ -171,6 +171,39 @@ def test_database_display_hides_the_password() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "user", "password", "shown"),
+    [
+        ("mqtt://gw:s%40cr%3Aet@broker:1884", "gw", "s@cr:et", "mqtt://gw@broker:1884"),
+        ("wss://gw:pw@iot.example/ws", "gw", "pw", "wss://gw@iot.example:443/ws"),
+        ("mqtt://gw@[::1]", "gw", None, "mqtt://gw@[::1]:1883"),
+        ("ws://127.0.0.1:9001", None, None, "ws://127.0.0.1:9001/mqtt"),
+    ],
+)
+def test_a_login_in_the_mqtt_url_is_used_and_hidden(
+    url: str, user: str | None, password: str | None, shown: str
+) -> None:
+    """mqtt://user:password@host logs in as that user (it was ignored); logs show the URL
+    without the password."""
+    s = load_settings(mqtt_url=url)
+    assert (s.broker_username, s.broker_password) == (user, password)
+    assert s.mqtt_display == shown
+
+
+def test_the_mqtt_login_is_given_once() -> None:
+    """A login in the URL and in GATEWAY_MQTT_USERNAME/PASSWORD: which one is meant?"""
+    s = load_settings(mqtt_username="gw", mqtt_password="pw")
+    assert (s.broker_username, s.broker_password) == ("gw", "pw")
+    for extra in ({"mqtt_username": "gw"}, {"mqtt_password": "pw"}):
+        with pytest.raises(ConfigError, match="give the login once") as info:
+            load_settings(mqtt_url="mqtt://other:secret@broker", **extra)
+        assert "secret" not in str(info.value)
+
+
+def test_a_login_in_the_url_counts_for_the_share_group_advice() -> None:
+    assert "GATEWAY_SHARE_GROUP" in advice(load_settings(mqtt_url="mqtt://gw:pw@b"))[0]
+
+
+@pytest.mark.parametrize(
     ("url", "scheme", "host", "port", "path", "websocket", "tls"),
     [
         ("mqtt://broker", "mqtt", "broker", 1883, "/mqtt", False, False),

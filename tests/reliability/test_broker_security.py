@@ -10,6 +10,7 @@ import secrets
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -353,6 +354,42 @@ async def test_gateway_answers_a_device_through_the_hardened_broker(
                 if correlation_of(msg) is not None:
                     extra.append(msg.payload)
         assert extra == []
+
+
+async def test_a_login_in_the_broker_url_is_used_and_never_logged(
+    broker: SecureBroker,
+    servers: Servers,
+    secure_database: str,
+    secure_store: PostgresStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """GATEWAY_MQTT_URL=mqtt://user:password@host: the login is used (it was ignored, and the
+    broker refused the anonymous gateway) and the password never reaches a log line (every
+    connect line carried it)."""
+    tenant: Tenant = await make_tenant(secure_store)
+    password = USERS["hydrobit-gateway"]
+    settings = gateway_settings(
+        servers,
+        secure_database,
+        mqtt_url=broker.url("tcp").replace(
+            "mqtt://", f"mqtt://hydrobit-gateway:{quote(password, safe='')}@"
+        ),
+        share_group=f"gw-{secrets.token_hex(3)}",
+    )
+    assert settings.mqtt_username is None and settings.broker_password == password
+    caplog.set_level(logging.INFO)
+    async with (
+        running_gateway(settings),
+        broker.client("device-a", transport="ws") as device,
+    ):
+        await device.subscribe(f"{PREFIX}/clients/device-a/#")
+        code, corr = await device.request(
+            "sessions/open", tenant.open_payload(), token=tenant.token()
+        )
+        assert code == 0
+        assert (await device.reply(corr))["status"] == "success"
+    assert "mqtt://hydrobit-gateway@127.0.0.1" in caplog.text  # where it connected, as whom
+    assert password not in caplog.text and quote(password, safe="") not in caplog.text
 
 
 @pytest.mark.parametrize("transport", ["ws", "wss", "mqtts"])

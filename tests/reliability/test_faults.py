@@ -301,6 +301,48 @@ async def test_broker_killed_and_restarted(stack: PrivateStack) -> None:
     assert await readyz(gateway) == 200
 
 
+def retry_delays(log: str) -> list[float]:
+    return [float(d) for d in re.findall(r"mqtt connection to .* retrying in ([0-9.]+) s", log)]
+
+
+async def test_a_broker_down_for_a_while_is_retried_every_two_seconds_at_most(
+    stack: PrivateStack,
+) -> None:
+    """Until the gateway is back and subscribed, mosquitto drops the devices' requests ("no
+    matching subscribers": it does not restore shared subscriptions): the retries of a broker
+    that is down stay short (they grew to 6.4 s and more, a window of lost requests)."""
+    gateway = stack.gateway("down").start()
+    await gateway.wait_ready()
+    await asyncio.to_thread(stack.broker.stop)
+    await asyncio.sleep(8)
+    await asyncio.to_thread(stack.broker.start)
+    for _ in range(150):
+        if gateway.log_path.read_text().count("mqtt connected") >= 2:
+            break
+        await asyncio.sleep(0.1)
+    log = gateway.log_path.read_text()
+    assert log.count("mqtt connected") >= 2
+    delays = retry_delays(log)
+    assert len(delays) >= 4, delays
+    assert max(delays) <= 2.0, delays
+    for _ in range(50):
+        if await readyz(gateway) == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert await readyz(gateway) == 200
+
+
+async def test_a_client_id_taken_back_and_forth_backs_off_further(stack: PrivateStack) -> None:
+    """Two processes with one client id throw each other off: each connection drops as soon as
+    it is made, and the retries grow past the short ones of a broker that is down."""
+    first = stack.gateway("twin").start()
+    await first.wait_ready()
+    second = stack.gateway("twin").start()
+    await asyncio.sleep(12)
+    delays = retry_delays(first.log_path.read_text() + second.log_path.read_text())
+    assert delays and max(delays) > 2.0, delays
+
+
 async def test_two_replicas_one_killed_and_restarted(stack: PrivateStack) -> None:
     """Two gateways share the load; one is SIGKILLed and restarted; records, events and
     expiry still happen exactly once."""

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.config import Settings, load_settings
-from gateway.errors import ConfigError, GatewayError, InvalidRequest, StoreUnavailable
+from gateway.errors import (
+    ERROR_CODES,
+    ConfigError,
+    GatewayError,
+    InvalidRequest,
+    StoreUnavailable,
+)
 from gateway.logs import fatal, setup_logging
 
 log = logging.getLogger("gateway")
@@ -219,6 +225,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def error_code(text: str) -> str:
+    """A dead letter's reason: one of the error codes (an unknown one listed nothing)."""
+    code = text.strip().upper()
+    if code not in ERROR_CODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an error code: {', '.join(ERROR_CODES)}")
+    return code
+
+
 def seconds(text: str) -> float:
     try:
         value = float(text)
@@ -408,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         "queued for it, then end its session (else it keeps a share of requests)",
     )
     p.add_argument(
-        "--quiet", type=float, default=2.0, help="seconds without a request before ending"
+        "--quiet",
+        type=seconds,
+        default=2.0,
+        help="seconds without a request before ending (default %(default)s)",
     )
     p.set_defaults(func=cmd_retire)
 
@@ -430,7 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dead-letters", help="list refused requests, newest first")
     p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
-    p.add_argument("--reason", help="an error code, e.g. VALIDATION_ERROR")
+    p.add_argument(
+        "--reason",
+        type=error_code,
+        help="an error code (any case): " + ", ".join(ERROR_CODES),
+    )
     p.add_argument(
         "--limit",
         type=positive_int,

@@ -108,8 +108,9 @@ class DeadLetterWriter:
 # Its header is a JSON object, so it starts "ey" whatever follows the "{" ('eyJ' for '{"',
 # 'eyA' for '{ ', ...).
 _JWT = re.compile(rb"(ey[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{2,}\.)[A-Za-z0-9_-]+")
-# Whatever else follows a Bearer scheme (a token in another form): all of it.
-_BEARER = re.compile(rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.)[^\s\"\\&]+")
+# Whatever else follows a Bearer scheme (a token in another form): all of it; not the
+# placeholder of our own messages ("expected 'Bearer <jwt>'").
+_BEARER = re.compile(rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.|<jwt>)[^\s\"'\\&]+")
 MAX_TOPIC = 1024
 
 

@@ -511,7 +511,13 @@ class HttpSidecar:
         its ``clientEventId`` is echoed by every answer, refusals of the token included."""
         raw = await self._read(request)
         if len(raw) > self.max_payload_bytes:
-            raise PayloadTooLarge(f"body over the limit of {self.max_payload_bytes} bytes")
+            limit = self.max_payload_bytes
+            size = request.content_length  # what was read stops at the limit
+            if size is not None and size > limit:
+                raise PayloadTooLarge(
+                    f"body is {size} bytes; the limit is {limit}", {"size": size, "limit": limit}
+                )
+            raise PayloadTooLarge(f"body over the limit of {limit} bytes", {"limit": limit})
         data = decode_object(
             raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
         )

@@ -50,6 +50,14 @@ def test_a_bearer_value_that_is_no_jwt_is_redacted_whole() -> None:
     assert redact_tokens(raw) == b'{"authorization": "bearer <redacted>", "units": 1}'
 
 
+def test_our_own_advice_is_not_taken_for_a_token() -> None:
+    """The refusal "expected 'Bearer <jwt>'" was kept as "expected 'Bearer <redacted>"."""
+    message = b"malformed authorization: expected 'Bearer <jwt>'"
+    assert redact_tokens(message) == message
+    quoted = b"authorization: 'Bearer abc.def' refused"
+    assert redact_tokens(quoted) == b"authorization: 'Bearer <redacted>' refused"
+
+
 @given(st.binary(max_size=300))
 def test_redaction_leaves_token_free_bytes_alone(raw: bytes) -> None:
     out = redact_tokens(raw)

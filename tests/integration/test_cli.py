@@ -463,3 +463,23 @@ async def test_prune_takes_no_filter_and_limit_must_be_positive(migrated: str) -
         assert "Traceback" not in bad.stderr
     finally:
         await conn.close()
+
+
+async def test_dead_letters_reason_is_an_error_code_in_any_case(migrated: str) -> None:
+    """`--reason validation_error` listed nothing (the codes are stored upper case) and
+    `--reason BOGUS` said "0 dead letter(s)": any case is taken, an unknown code refused."""
+    conn = await asyncpg.connect(migrated)
+    try:
+        await conn.execute(
+            """INSERT INTO dead_letters (topic, reason, message, payload, payload_size)
+               VALUES ('reason-case-test', 'RATE_LIMITED', 'slow down', '', 0)"""
+        )
+    finally:
+        await conn.close()
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    found = await run_cli("dead-letters", "--reason", "rate_limited", env=env)
+    assert found.returncode == 0, found
+    assert "reason-case-test" in found.stdout
+    bogus = await run_cli("dead-letters", "--reason", "BOGUS", env=env)
+    assert bogus.returncode == 2, bogus
+    assert "'BOGUS' is not an error code" in bogus.stderr and "RATE_LIMITED" in bogus.stderr

@@ -104,6 +104,26 @@ async def test_rest_session_and_record_flow(rest: Rest, tenant: Tenant) -> None:
     assert late["error"]["code"] == "SESSION_CLOSED"
 
 
+async def test_an_oversize_body_is_described_as_over_mqtt(rest: Rest, gateway: Gateway) -> None:
+    """413's details carry the limit, and the size when the client declared it (as the MQTT
+    reply does); a chunked body, whose size is unknown past the limit, gets the limit."""
+    limit = gateway.settings.max_payload_bytes
+    raw = b'{"a": "' + b"x" * (limit + 10) + b'"}'
+    status, payload, _ = await rest.call("POST", "/records", raw=raw)
+    assert status == 413
+    assert payload["error"]["details"] == {"size": len(raw), "limit": limit}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(raw), 65_536):
+            yield raw[i : i + 65_536]
+
+    async with rest.http.post(
+        f"{rest.base}{API}/records", data=chunks(), headers=rest.headers
+    ) as resp:
+        assert resp.status == 413
+        assert (await resp.json())["error"]["details"] == {"limit": limit}
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "raw", "status", "code"),
     [

@@ -28,7 +28,7 @@ from gateway.core.rules import Limits, iso
 from gateway.core.topics import Topics
 from gateway.deadletters import DeadLetterWriter
 from gateway.errors import ConfigError, StoreUnavailable
-from gateway.jwks import JwksLocation, load_keys
+from gateway.jwks import JwksLocation, JwksSource, load_keys
 from gateway.logs import retrieved
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher, Sweeper
@@ -36,7 +36,7 @@ from gateway.service import Service
 from gateway.store.migrate import load_migrations
 from gateway.store.postgres import PostgresStore
 from gateway.transport.dispatch import Dispatcher
-from gateway.transport.http import HttpSidecar, parse_origins, start_http
+from gateway.transport.http import HttpSidecar, parse_origins, start_http, starting_app
 from gateway.transport.mqtt import MqttLink, PublishError
 from gateway.transport.pipeline import Pipeline
 
@@ -226,8 +226,7 @@ class Gateway:
 
     async def run(self, on_started: Callable[[Gateway], Any] | None = None) -> None:
         s = self.settings
-        jwks = await load_keys(s, self.verifier)  # before serving: tokens need these keys
-        store = await connect_store(s, self._stopping)
+        jwks, store = await self._prepare()
         if store is None:
             return
         self.store = store
@@ -242,6 +241,7 @@ class Gateway:
             max_json_depth=s.max_json_depth,
             on_refused=dead_letters,
             limiter=limiter,
+            metrics=self.metrics,  # gateway_requests_total
         )
         link = MqttLink(
             s,
@@ -269,6 +269,14 @@ class Gateway:
         self.metrics.gauge("gateway_backlog", lambda: pipeline.backlog)
         self.metrics.gauge("gateway_unacked", lambda: pipeline.unacked)
         self.metrics.gauge("gateway_unconfirmed_publishes", lambda: link.unconfirmed_publishes)
+        self.metrics.gauge("gateway_database_up", lambda: float(pipeline.store_ok))
+        self.metrics.gauge("gateway_broker_connected", lambda: float(link.connected))
+        self.metrics.gauge(  # the publisher is built below: read through self
+            "gateway_publisher_leading", lambda: float(bool(self.publisher and self.publisher.leading))
+        )
+        self.metrics.gauge(
+            "gateway_outbox_pending", lambda: self.publisher.outbox_pending if self.publisher else 0
+        )
         sidecar = HttpSidecar(
             service,
             self.verifier,
@@ -283,15 +291,13 @@ class Gateway:
         try:
             # retiring runs next to a live gateway on the same host: no sidecar of its own
             runner, self.http_port = (
-                (None, None) if self.retiring else await self._start_http(sidecar)
+                (None, None)
+                if self.retiring
+                else await self._start_http(sidecar.app, self.http_port or s.http_port)
             )
-        except OSError as exc:
+        except ConfigError:
             await store.close()
-            raise ConfigError(
-                f"the HTTP sidecar cannot listen on {s.http_host}:{s.http_port}: "
-                f"{exc.strerror or exc}; set GATEWAY_HTTP_HOST to an address of this machine "
-                "and GATEWAY_HTTP_PORT to a free port"
-            ) from None
+            raise
         if self.http_port is not None:
             log.info("http sidecar on %s:%d", s.http_host, self.http_port)
         self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
@@ -341,15 +347,42 @@ class Gateway:
         finally:
             await self._drain(tasks, dead_letters, runner, store)
 
-    async def _start_http(self, sidecar: HttpSidecar) -> tuple[web.AppRunner, int]:
-        s = self.settings
+    async def _prepare(self) -> tuple[JwksSource | None, PostgresStore | None]:
+        """The JWKS keys (tokens need them) and the database (None if stopped meanwhile).
+
+        The process is alive at once, ready later: a sidecar of its own answers /healthz
+        meanwhile (a liveness probe must not restart a gateway for waiting), until the real
+        one takes its port.
+        """
+        starting = None
+        if not self.retiring:
+            starting, self.http_port = await self._start_http(starting_app(self.metrics))
         try:
-            return await start_http(sidecar, s.http_host, s.http_port)
+            jwks = await load_keys(self.settings, self.verifier)
+            return jwks, await connect_store(self.settings, self._stopping)
+        finally:
+            if starting is not None:
+                await starting.cleanup()
+
+    async def _start_http(
+        self, app: web.Application, port: int | None = None
+    ) -> tuple[web.AppRunner, int]:
+        s = self.settings
+        port = s.http_port if port is None else port
+        try:
+            try:
+                return await start_http(app, s.http_host, port)
+            except OSError as exc:
+                if not self.any_http_port or exc.errno != errno.EADDRINUSE:
+                    raise
+                log.warning("http port %d was taken meanwhile: taking a free one", port)
+                return await start_http(app, s.http_host, 0)
         except OSError as exc:
-            if not self.any_http_port or exc.errno != errno.EADDRINUSE:
-                raise
-            log.warning("http port %d was taken meanwhile: taking a free one", s.http_port)
-            return await start_http(sidecar, s.http_host, 0)
+            raise ConfigError(
+                f"the HTTP sidecar cannot listen on {s.http_host}:{port}: "
+                f"{exc.strerror or exc}; set GATEWAY_HTTP_HOST to an address of this machine "
+                "and GATEWAY_HTTP_PORT to a free port"
+            ) from None
 
     async def _announce(self, link: MqttLink) -> None:
         """Re-publish `online` (retained) every GATEWAY_STATUS_INTERVAL_S while connected: one

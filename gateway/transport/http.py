@@ -715,12 +715,41 @@ def path_id(request: web.Request, name: str) -> str:
     return value
 
 
-async def start_http(sidecar: HttpSidecar, host: str, port: int) -> tuple[web.AppRunner, int]:
+def starting_app(metrics: Metrics) -> web.Application:
+    """The sidecar while the gateway starts (loading keys, waiting for PostgreSQL): the process
+    is alive (``/healthz`` 200, so a liveness probe does not restart it for waiting), not ready
+    (``/readyz`` 503), and every other call is 503 ``UNAVAILABLE`` with ``Retry-After``."""
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        checks = {"database": False, "broker": False}
+        return json_response({"status": "starting", "checks": checks}, 503)
+
+    async def render_metrics(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def unavailable(_request: web.Request) -> web.Response:
+        return error_response(
+            Unavailable("the gateway is starting (waiting for PostgreSQL); retry later"),
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
+        )
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", render_metrics)
+    app.router.add_route("*", "/{anything:.*}", unavailable)
+    return app
+
+
+async def start_http(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner (for cleanup) and the bound port (useful with port 0)."""
     # aiohttp refuses a header over 8190 bytes with a plain-text 400 of its own; a large JWT
     # (many claims) then never reaches the JSON 401 every other bad token gets
     runner = web.AppRunner(
-        sidecar.app,
+        app,
         access_log=None,
         max_field_size=MAX_HEADER_BYTES,
         max_line_size=MAX_HEADER_BYTES,  # a long id or key in the URL: a JSON 400 too

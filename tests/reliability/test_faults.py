@@ -170,6 +170,34 @@ async def test_database_outage_holds_requests_then_lands_them_once(stack: Privat
     assert await readyz(gateway) == 200
 
 
+async def test_a_gateway_waiting_for_the_database_is_alive_not_ready(stack: PrivateStack) -> None:
+    """Started while PostgreSQL is down, the gateway waits for it, and meanwhile its sidecar
+    answers: /healthz 200 (it did not answer at all: a liveness probe would restart it for
+    waiting), /readyz 503, the REST mirror 503 UNAVAILABLE with Retry-After; once the database
+    is back, the same port serves the real sidecar."""
+    await asyncio.to_thread(stack.pg.stop)
+    gateway = stack.gateway("early").start()
+    base = f"http://127.0.0.1:{gateway.http_port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            if "waiting for PostgreSQL" in gateway.log_path.read_text():
+                break
+            await asyncio.sleep(0.1)
+        assert "waiting for PostgreSQL" in gateway.log_path.read_text()
+        async with http.get(f"{base}/healthz") as resp:
+            assert resp.status == 200
+        assert await readyz(gateway) == 503
+        async with http.get(f"{base}/api/control/production/sessions/x") as resp:
+            assert resp.status == 503
+            assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
+            assert int(resp.headers["Retry-After"]) >= 1
+        await asyncio.to_thread(stack.pg.start)
+        await gateway.wait_ready()
+        async with http.get(f"{base}/api/control/production/sessions/x") as resp:
+            assert resp.status == 401  # the real mirror: it asks for a token
+    assert gateway.proc is not None and gateway.proc.poll() is None
+
+
 async def test_fast_shutdowns_mid_stream_answer_nothing_internal(stack: PrivateStack) -> None:
     """PostgreSQL fast-stopped (SIGINT) three times under a steady stream. Its FATAL reaches
     idle connections, and asyncpg then fails the next query with InternalClientError ("another

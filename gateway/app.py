@@ -160,6 +160,7 @@ class Gateway:
         self.pipeline: Pipeline | None = None
         self.sweeper: Sweeper | None = None
         self.publisher: Publisher | None = None
+        self._register_gauges()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -224,6 +225,29 @@ class Gateway:
             database = ping in done and not ping.cancelled() and ping.exception() is None
         return {"database": database, "broker": self.link is not None and self.link.connected}
 
+    def _register_gauges(self) -> None:
+        """The gauges of GET /metrics, read when it is rendered: through self, so they are
+        there (at 0) from the start, while the gateway still waits for PostgreSQL."""
+        self.metrics.gauge("gateway_backlog", lambda: self.pipeline.backlog if self.pipeline else 0)
+        self.metrics.gauge("gateway_unacked", lambda: self.pipeline.unacked if self.pipeline else 0)
+        self.metrics.gauge(
+            "gateway_unconfirmed_publishes",
+            lambda: self.link.unconfirmed_publishes if self.link else 0,
+        )
+        self.metrics.gauge(
+            "gateway_database_up", lambda: float(bool(self.pipeline and self.pipeline.store_ok))
+        )
+        self.metrics.gauge(
+            "gateway_broker_connected", lambda: float(bool(self.link and self.link.connected))
+        )
+        self.metrics.gauge(
+            "gateway_publisher_leading",
+            lambda: float(bool(self.publisher and self.publisher.leading)),
+        )
+        self.metrics.gauge(
+            "gateway_outbox_pending", lambda: self.publisher.outbox_pending if self.publisher else 0
+        )
+
     async def run(self, on_started: Callable[[Gateway], Any] | None = None) -> None:
         s = self.settings
         jwks, store = await self._prepare()
@@ -266,17 +290,6 @@ class Gateway:
         link.on_message = pipeline.submit
         link.on_disconnected = pipeline.connection_lost
         self.link, self.pipeline = link, pipeline
-        self.metrics.gauge("gateway_backlog", lambda: pipeline.backlog)
-        self.metrics.gauge("gateway_unacked", lambda: pipeline.unacked)
-        self.metrics.gauge("gateway_unconfirmed_publishes", lambda: link.unconfirmed_publishes)
-        self.metrics.gauge("gateway_database_up", lambda: float(pipeline.store_ok))
-        self.metrics.gauge("gateway_broker_connected", lambda: float(link.connected))
-        self.metrics.gauge(  # the publisher is built below: read through self
-            "gateway_publisher_leading", lambda: float(bool(self.publisher and self.publisher.leading))
-        )
-        self.metrics.gauge(
-            "gateway_outbox_pending", lambda: self.publisher.outbox_pending if self.publisher else 0
-        )
         sidecar = HttpSidecar(
             service,
             self.verifier,

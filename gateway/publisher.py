@@ -93,6 +93,13 @@ class Publisher:
         self._metrics = metrics
         self._published_ticks: dict[str, int] = {}
         self.leading = False
+        self._polled_pending = 0  # events the last poll of the outbox found (at most its limit)
+
+    @property
+    def outbox_pending(self) -> int:
+        """For gateway_outbox_pending: session events waiting, as of the last poll of the
+        outbox (capped at the poll's limit); 0 when another process leads."""
+        return self._polled_pending if self.leading else 0
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
@@ -108,6 +115,7 @@ class Publisher:
                 if self.leading:
                     log.info("no longer publishing events and state")
                 self.leading = False
+                self._polled_pending = 0
             await _sleep_or_stop(stopping, 2.0)
 
     async def _lead(self, conn: asyncpg.Connection, stopping: asyncio.Event) -> None:
@@ -157,6 +165,7 @@ class Publisher:
         while not (lost.is_set() or stopping.is_set()):
             await self._link.wait_connected()
             events = await self._store.pending_events()
+            self._polled_pending = len(events)
             if not events:
                 await _sleep_or_stop(stopping, 0.1)
                 continue

@@ -43,6 +43,7 @@ from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Principal
 from gateway.core.topics import Op, Route, Topics
 from gateway.errors import (
+    Internal,
     InvalidRequest,
     RateLimited,
     RequestError,
@@ -50,6 +51,7 @@ from gateway.errors import (
     as_request_error,
     error_body,
 )
+from gateway.metrics import Metrics
 from gateway.service import Bulk, RecordOutcome, RecordRequest, Service
 from gateway.transport.mqtt import Inbound
 
@@ -120,6 +122,7 @@ class Dispatcher:
         max_json_depth: int,
         on_refused: Callable[[Refusal], None] | None = None,
         limiter: RateLimiter | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.service = service
         self.verifier = verifier
@@ -128,6 +131,12 @@ class Dispatcher:
         self.max_json_depth = max_json_depth
         self._on_refused = on_refused
         self._limiter = limiter if limiter is not None and limiter.enabled else None
+        # gateway_requests_total{op, outcome}: one increment per reply built (_reply)
+        self._answered = (
+            metrics.pair_counter("gateway_requests_total", "op", "outcome")
+            if metrics is not None
+            else None
+        )
         self._handlers: dict[Op, OpHandler] = {
             Op.OPEN_SESSION: self._open_session,
             Op.GET_SESSION: self._get_session,
@@ -201,7 +210,7 @@ class Dispatcher:
         rather than redelivered for ever, and kept in the dead-letter table."""
         replies = []
         for m in batch:
-            r = _Request(m, self.topics.default_reply(m.topic))
+            r = _Request(m, self.topics.default_reply(m.topic), self.topics.parse(m.topic))
             if m.response_topic is not None and self.topics.reply_allowed(m.response_topic):
                 r.reply_topic = m.response_topic
             r.error = as_request_error(exc)
@@ -374,12 +383,13 @@ class Dispatcher:
             return Reply(None, b"", None)
         if r.body is not None:
             body = r.body
+            outcome = "ok"
         else:
             err = r.error or as_request_error(RuntimeError("no outcome"))
             body = {"status": "error", "error": error_body(err)}
+            outcome = body["error"]["code"]
             if self._on_refused is not None:
-                code = body["error"]["code"]
-                self._on_refused(Refusal(r.msg, code, body["error"]["message"], _sub(r)))
+                self._on_refused(Refusal(r.msg, outcome, body["error"]["message"], _sub(r)))
         if r.envelope.request_id is not None:
             body["requestId"] = r.envelope.request_id
         if r.record is not None:
@@ -393,6 +403,9 @@ class Dispatcher:
         except TypeError:  # something that is not JSON slipped into the reply: say so plainly
             log.exception("reply to %s could not be encoded", r.msg.topic)
             payload = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
+            outcome = Internal.code
+        if self._answered is not None:
+            self._answered.inc(r.route.op if r.route is not None else "unknown", outcome)
         return Reply(
             r.reply_topic,
             payload,

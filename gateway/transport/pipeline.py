@@ -22,6 +22,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 
 import orjson
 
@@ -190,6 +191,7 @@ class Pipeline:
                 if replies is None:
                     return  # stopped while the database was away: nothing acknowledged
                 await self._answer(batch, replies)
+                self._observe_wait(batch[0])
             finally:
                 shard.busy = False
 
@@ -233,6 +235,14 @@ class Pipeline:
             self.store_ok = True
             self._metrics.observe_batch(len(batch), time.perf_counter() - started)
             return replies
+
+    def _observe_wait(self, oldest: Inbound) -> None:
+        """gateway_request_wait_seconds, once per batch (not per request): from the arrival of
+        its oldest request (its first: a shard's queue keeps arrival order) to its replies
+        handed to the link. ``received_at`` is wall-clock (one per socket read; no per-request
+        stamp to keep): a clock stepped back counts 0, not a negative wait."""
+        waited = (datetime.now(UTC) - oldest.received_at).total_seconds()
+        self._metrics.observe_wait(max(waited, 0.0))
 
     async def _database_answers(self) -> bool:
         """After an unexpected failure: is PostgreSQL still there (then it was a bug)?"""

@@ -214,10 +214,11 @@ class Pipeline:
                 self.store_ok = False
                 self._metrics.inc("gateway_store_retries_total")
                 log.warning(
-                    "database unavailable (%s); holding %d requests unacknowledged, "
-                    "retrying in %.1f s",
+                    "database unavailable (%s); holding %d requests unanswered and "
+                    "unacknowledged (applied once it is back), retrying in %.1f s: check that "
+                    "PostgreSQL is running and reachable at GATEWAY_DATABASE_URL",
                     exc,
-                    len(batch),
+                    max(len(self._unacked), len(batch)),
                     delay,
                 )
                 with contextlib.suppress(TimeoutError):

@@ -427,11 +427,21 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+def _int_as_orjson_reads_it(text: str) -> int | float:
+    """An integer as orjson reads one: exact within 64 bits, else a double (infinity beyond a
+    double's range), never an integer no JSON writer of ours can write back (echoed in a
+    reply, a 400-digit requestId failed to encode: INTERNAL)."""
+    value = int(text)
+    if -(2**63) <= value < 2**64:
+        return value
+    return float(text)
+
+
 def _decode_out_of_range(raw: bytes) -> object:
     """``raw`` with a number beyond a double's range read as infinity (for the validators to
     refuse where it stands); NaN and Infinity literals stay refused, as orjson refuses them."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        return json.loads(raw, parse_constant=_no_constant, parse_int=_int_as_orjson_reads_it)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"payload is not valid JSON: {exc}") from None
 

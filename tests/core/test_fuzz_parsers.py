@@ -504,6 +504,9 @@ payloads = (
     ]
 )
 @example(messages=[("sessions/s1/records", b"{" + BASE_RECORD + b',"requestId":NaN}', None, None)])
+@example(  # found by hypothesis: a 300-digit integer, read by the stdlib fallback, echoed
+    messages=[("sessions/open", b'{"":"","requestId":1' + b"0" * 310 + b"}", None, None)]
+)
 def test_dispatcher_answers_every_payload_with_one_error_reply(
     messages: list[tuple[str, bytes, str | None, str | None]],
 ) -> None:

@@ -75,6 +75,25 @@ def test_a_number_beyond_a_double_is_refused_where_it_stands() -> None:
             decode_object(raw, max_bytes=1024, max_depth=16)
 
 
+def test_integers_read_past_a_double_are_read_as_orjson_reads_them() -> None:
+    """A payload orjson cannot read (a number beyond a double) is read by the standard
+    library, whose integers have no bound: a 400-digit requestId then came back as an int no
+    reply could encode (INTERNAL). Integers are read as orjson reads them: exact within 64
+    bits, else a double, infinity past its range, refused where it stands."""
+    huge = b"1" + b"0" * 400
+    data = decode_object(
+        b'{"requestId": ' + huge + b', "units": ' + huge + b', "a": 1e30, "n": 12345678901234'
+        b', "big": ' + b"9" * 25 + b', "x": 1e400}',
+        max_bytes=4096,
+        max_depth=16,
+    )
+    assert data["units"] == math.inf
+    assert data["n"] == 12345678901234 and isinstance(data["n"], int)
+    assert data["big"] == 1e25 and isinstance(data["big"], float)
+    assert "requestId" in take_envelope(data).invalid
+    assert orjson.dumps(data)  # whatever is echoed can be written
+
+
 def test_decode_refuses_payload_over_max_bytes() -> None:
     """A payload longer than max_bytes is PAYLOAD_TOO_LARGE with its size and the limit."""
     raw = b'{"a": "' + b"x" * 100 + b'"}'

@@ -371,6 +371,27 @@ Packet = Connack | Publish | Ack | Disconnect | PingResp
 PINGRESP_SINGLETON = PingResp()
 
 
+# A device repeats its topic, reply topic and token in every request: one str object each,
+# shared, instead of a copy per request held (a backlog read while waiting for PUBACKs kept
+# ~1 KB of repeated text per request), and a token's hash is computed once. Bounded: only
+# short texts, and the table starts afresh when full.
+_SHARED: dict[bytes, str] = {}
+_SHARED_MAX = 2_048
+_SHARED_TEXT_MAX = 2_048
+
+
+def _shared_text(raw: bytes) -> str:
+    """``raw`` decoded (UTF-8), the same object for the same bytes while remembered."""
+    text = _SHARED.get(raw)
+    if text is None:
+        text = raw.decode()
+        if len(raw) <= _SHARED_TEXT_MAX:
+            if len(_SHARED) >= _SHARED_MAX:
+                _SHARED.clear()
+            _SHARED[raw] = text
+    return text
+
+
 def decode_publish(first: int, buf: bytes, pos: int, end: int) -> Publish:
     """A PUBLISH body at ``buf[pos:end]``: the hot path, so the common properties (Response
     Topic, Correlation Data, one user property) are read inline, the rest generically."""
@@ -383,7 +404,7 @@ def decode_publish(first: int, buf: bytes, pos: int, end: int) -> Publish:
     if stop > end:
         raise ProtocolError("truncated PUBLISH topic")
     try:
-        topic = buf[pos + 2 : stop].decode()
+        topic = _shared_text(buf[pos + 2 : stop])
     except UnicodeDecodeError:
         raise ProtocolError("topic is not UTF-8") from None
     pos = stop
@@ -442,9 +463,8 @@ def _publish_properties(
                 pos = b
                 continue
             try:
-                text = buf[a:b].decode()
                 if pid == P_RESPONSE_TOPIC:
-                    response_topic = text
+                    response_topic = _shared_text(buf[a:b])
                     pos = b
                     continue
                 if b + 2 > pend:
@@ -452,8 +472,8 @@ def _publish_properties(
                 c = b + 2 + ((buf[b] << 8) | buf[b + 1])
                 if c > pend:
                     raise ProtocolError("truncated property")
-                if text.lower() == "authorization":
-                    value = buf[b + 2 : c].decode()
+                if buf[a:b].decode().lower() == "authorization":
+                    value = _shared_text(buf[b + 2 : c])
                     if authorization is None:
                         authorization = value
                     elif value != authorization:

@@ -526,4 +526,7 @@ async def test_backlog_of_100k_is_worked_through_with_flat_memory(stack: Private
     assert stored == total, gateway.log_path.read_text()[-3000:]
     assert totals is not None and totals["total_records"] == total == totals["total_units"]
     growth_mib = (peak - baseline) / 1024
-    assert growth_mib < 64, f"RSS grew {growth_mib:.0f} MiB while working through the backlog"
+    # ~33 MiB here: what the broker pushes while the gateway reads for its replies' PUBACKs
+    # (mosquitto 2.0.11 ignores Receive Maximum), each request's topic, reply topic and token
+    # shared with the others (copies made it ~62)
+    assert growth_mib < 48, f"RSS grew {growth_mib:.0f} MiB while working through the backlog"

@@ -35,6 +35,22 @@ async def open_session(stack: PrivateStack, tenant: Tenant, sector: str | None =
     return str(reply["data"]["sessionId"])
 
 
+async def streaming(
+    stack: PrivateStack, name: str, records: int
+) -> tuple[GatewayProcess, RecordStream]:
+    """A gateway started and ready, a tenant's session, and a connected device stream of
+    ``records`` records into it."""
+    gateway = stack.gateway(name).start()
+    await gateway.wait_ready()
+    tenant = await stack.tenant()
+    sid = await open_session(stack, tenant)
+    stream = RecordStream(
+        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, records
+    )
+    await stream.connect()
+    return gateway, stream
+
+
 async def ledger(dsn: str, session_id: str) -> dict[str, Any]:
     """The ledger of a session next to its maintained totals."""
     conn = await asyncpg.connect(dsn)
@@ -104,14 +120,7 @@ async def readyz(proc: GatewayProcess) -> int:
 
 async def test_sigkill_mid_stream_loses_and_doubles_nothing(stack: PrivateStack) -> None:
     """3,000 QoS 1 records; the gateway SIGKILLed a third of the way; restarted: all once."""
-    gateway = stack.gateway("a").start()
-    await gateway.wait_ready()
-    tenant = await stack.tenant()
-    sid = await open_session(stack, tenant)
-    stream = RecordStream(
-        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 3000
-    )
-    await stream.connect()
+    gateway, stream = await streaming(stack, "a", 3000)
     try:
         await stream.send(0, 1000)
         await stream.wait_for_replies(300)
@@ -127,14 +136,7 @@ async def test_sigkill_mid_stream_loses_and_doubles_nothing(stack: PrivateStack)
 
 async def test_database_outage_holds_requests_then_lands_them_once(stack: PrivateStack) -> None:
     """PostgreSQL stopped for ~10 s: /readyz 503, no reply, no spinning; then all land once."""
-    gateway = stack.gateway("db").start()
-    await gateway.wait_ready()
-    tenant = await stack.tenant()
-    sid = await open_session(stack, tenant)
-    stream = RecordStream(
-        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 1200
-    )
-    await stream.connect()
+    gateway, stream = await streaming(stack, "db", 1200)
     try:
         await stream.send(0, 400)
         await stream.wait_for_replies(400)
@@ -149,8 +151,9 @@ async def test_database_outage_holds_requests_then_lands_them_once(stack: Privat
         async with (
             aiohttp.ClientSession() as http,
             http.get(
-                f"http://127.0.0.1:{gateway.http_port}/api/control/production/sessions/{sid}",
-                headers={"Authorization": f"Bearer {tenant.token()}"},
+                f"http://127.0.0.1:{gateway.http_port}/api/control/production/sessions/"
+                f"{stream.session_id}",
+                headers={"Authorization": f"Bearer {stream.token}"},
             ) as resp,
         ):
             assert resp.status == 503
@@ -203,14 +206,7 @@ async def test_fast_shutdowns_mid_stream_answer_nothing_internal(stack: PrivateS
     idle connections, and asyncpg then fails the next query with InternalClientError ("another
     operation is in progress") rather than a connection error: that is an outage too. No
     request may be answered INTERNAL (and so acknowledged, never to be redelivered)."""
-    gateway = stack.gateway("fast").start()
-    await gateway.wait_ready()
-    tenant = await stack.tenant()
-    sid = await open_session(stack, tenant)
-    stream = RecordStream(
-        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 1500
-    )
-    await stream.connect()
+    gateway, stream = await streaming(stack, "fast", 1500)
     try:
         sending = asyncio.create_task(stream.send(0, 1500, pause_every=5))
         for _ in range(3):
@@ -306,14 +302,7 @@ async def test_requests_queued_while_down_are_acknowledged_on_return(
 async def test_broker_killed_and_restarted(stack: PrivateStack) -> None:
     """Mosquitto SIGKILLed mid-stream (it loses what arrived since its last autosave) and
     restarted: the gateway reconnects and carries on; devices re-send what was not answered."""
-    gateway = stack.gateway("mq").start()
-    await gateway.wait_ready()
-    tenant = await stack.tenant()
-    sid = await open_session(stack, tenant)
-    stream = RecordStream(
-        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 2000
-    )
-    await stream.connect()
+    gateway, stream = await streaming(stack, "mq", 2000)
     try:
         await stream.send(0, 800)
         await stream.wait_for_replies(200)
@@ -429,14 +418,7 @@ async def test_two_replicas_one_killed_and_restarted(stack: PrivateStack) -> Non
 
 async def test_sigterm_drains_and_announces_offline(stack: PrivateStack) -> None:
     """SIGTERM under load: the batch in hand is finished, offline published, exit 0 soon."""
-    gateway = stack.gateway("term").start()
-    await gateway.wait_ready()
-    tenant = await stack.tenant()
-    sid = await open_session(stack, tenant)
-    stream = RecordStream(
-        "127.0.0.1", stack.broker.ws_port, stack.prefix, tenant.token(), sid, 1500
-    )
-    await stream.connect()
+    gateway, stream = await streaming(stack, "term", 1500)
     status: list[dict[str, Any]] = []
     watcher = Device("127.0.0.1", stack.broker.ws_port, stack.prefix)
     try:

@@ -375,12 +375,7 @@ class MqttLink:
                 flapping = True
             elif delay <= BACKOFF_DOWN_MAX_S:
                 flapping = False
-            log.warning(
-                "mqtt connection to %s failed: %s; retrying in %.1f s",
-                self._settings.mqtt_display,
-                failure,
-                delay,
-            )
+            log.warning("mqtt connection to %s failed: %s; retrying in %.1f s", url, failure, delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, BACKOFF_MAX_S if flapping else BACKOFF_DOWN_MAX_S)

@@ -637,9 +637,7 @@ class HttpSidecar:
         )
 
     async def render_metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
-        )
+        return metrics_response(self.metrics)
 
     async def check_idempotency(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
@@ -715,6 +713,11 @@ def path_id(request: web.Request, name: str) -> str:
     return value
 
 
+def metrics_response(metrics: Metrics) -> web.Response:
+    """GET /metrics: the Prometheus text of ``metrics``."""
+    return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def starting_app(metrics: Metrics) -> web.Application:
     """The sidecar while the gateway starts (loading keys, waiting for PostgreSQL): the process
     is alive (``/healthz`` 200, so a liveness probe does not restart it for waiting), not ready
@@ -728,7 +731,7 @@ def starting_app(metrics: Metrics) -> web.Application:
         return json_response({"status": "starting", "checks": checks}, 503)
 
     async def render_metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
+        return metrics_response(metrics)
 
     async def unavailable(_request: web.Request) -> web.Response:
         return error_response(

@@ -508,10 +508,11 @@ class Service:
                 outcomes[i] = exc
             else:
                 pending.append(i)
-        ids = dict(zip(pending, new_record_ids(len(pending)), strict=True))
         for attempt in range(MAX_RECORD_ATTEMPTS):
             if not pending:
                 break
+            # new ids every round: one that clashed with a stored id is not tried again
+            ids = dict(zip(pending, new_record_ids(len(pending)), strict=True))
             pending = await self._record_round(reqs, pending, ids, outcomes, fresh=attempt > 0)
         for i in pending:
             log.error("record %s could not be decided", reqs[i].cmd.clientEventId)
@@ -669,7 +670,7 @@ class Service:
                 return _void_data(existing, idempotent=True)
             refusal = rules.refusal_for_closed(facts, arrival)
             if refusal is None:
-                void = await tx.void(new_record_id(), cmd.reason, rules.to_millis(arrival))
+                void = await tx.void(new_record_id, cmd.reason, rules.to_millis(arrival))
                 data = _void_data(void, idempotent=False)
                 session = tx.session_tx.session
                 await tx.session_tx.emit(

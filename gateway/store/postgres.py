@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # insufficient resources, operator intervention (shutdown, cannot connect now), system error.
 _TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
 HOT_CONNECTIONS = 4  # at least GATEWAY_PIPELINE_DEPTH, plus room for the REST mirror
+VOID_ID_ATTEMPTS = 3  # a counter-movement whose new id clashes with a stored one draws again
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -1051,28 +1052,36 @@ class RecordTx:
         )
         return _record(row) if row else None
 
-    async def void(self, void_id: str, reason: str, at: datetime) -> Record:
-        """Write the counter-movement, mark the original voided, move the totals."""
+    async def void(self, new_id: Callable[[], str], reason: str, at: datetime) -> Record:
+        """Write the counter-movement (its id from ``new_id``, drawn again should one clash
+        with a stored id), mark the original voided, move the totals."""
         r = self.record
         conn = self._conn
-        row = await conn.fetchrow(
-            f"""INSERT INTO production_records (
-                    record_id, company_id, session_id, owner_id, worker_id, worker_name, units,
-                    recorded_at, kind, void_of, void_reason)
-                VALUES ($1, $2, $3, $4, $5, $6, -$7::numeric, $8, 'void', $9, $10)
-                RETURNING {_RECORD_COLUMNS}""",
-            void_id,
-            r.company_id,
-            r.session_id,
-            r.owner,
-            r.worker_id,
-            r.worker_name,
-            r.units,
-            at,
-            r.record_id,
-            reason,
-        )
-        assert row is not None
+        row = None
+        for _ in range(VOID_ID_ATTEMPTS):
+            row = await conn.fetchrow(
+                f"""INSERT INTO production_records (
+                        record_id, company_id, session_id, owner_id, worker_id, worker_name,
+                        units, recorded_at, kind, void_of, void_reason)
+                    VALUES ($1, $2, $3, $4, $5, $6, -$7::numeric, $8, 'void', $9, $10)
+                    ON CONFLICT (record_id) DO NOTHING
+                    RETURNING {_RECORD_COLUMNS}""",
+                new_id(),
+                r.company_id,
+                r.session_id,
+                r.owner,
+                r.worker_id,
+                r.worker_name,
+                r.units,
+                at,
+                r.record_id,
+                reason,
+            )
+            if row is not None:
+                break
+        if row is None:
+            raise RuntimeError(f"no free record id in {VOID_ID_ATTEMPTS} attempts")
+        void_id: str = row["record_id"]
         await conn.execute(
             "UPDATE production_records SET state = 'voided', voided_by = $2 WHERE record_id = $1",
             r.record_id,

@@ -190,19 +190,25 @@ class Publisher:
     # retained state -----------------------------------------------------------------------
 
     async def _state_loop(self, lost: asyncio.Event, stopping: asyncio.Event) -> None:
+        """Every round: the tick of every open session (records move it without touching any
+        index, see the store) and of every other session changed by a transaction at or past
+        the low mark; the state of each one whose tick this leader has not published.
+
+        The low mark follows transaction ids (the snapshot's xmin, saved now and then), so a
+        change that committed late is never missed; a new leader publishes each open session
+        once, then what changes."""
         store = self._store
-        saved = await store.cursor("state")
-        if saved:
-            low = saved
-        else:  # first leader ever: every open session once, then follow changes
-            low = await store.snapshot_xmin()
-            await self._publish_states(await store.sessions_changed(0, open_only=True))
+        low = await store.cursor("state") or await store.snapshot_xmin()
         last_save = time.monotonic()
         while not (lost.is_set() or stopping.is_set()):
             await self._link.wait_connected()
             xmin = await store.snapshot_xmin()
-            changed = await store.sessions_changed(low)
-            if await self._publish_states(changed):
+            listed = await store.state_ticks(low)
+            published = self._published_ticks
+            for session_id in [k for k in published if k not in listed]:
+                del published[session_id]  # closed before the low mark: no longer tracked
+            todo = sorted(k for k, tick in listed.items() if published.get(k, -1) < tick)
+            if await self._publish_states(await store.session_states(todo) if todo else []):
                 low = xmin
                 if time.monotonic() - last_save > CURSOR_SAVE_EVERY_S:
                     await store.save_cursor("state", low)
@@ -212,11 +218,8 @@ class Publisher:
             await store.save_cursor("state", low)
 
     async def _publish_states(self, changed: Sequence[tuple[int, Session]]) -> bool:
-        """Publish what changed since last time; True when the broker confirmed all of it."""
-        seen = {s.session_id for _, s in changed}
+        """Publish ``changed``; True when the broker confirmed all of it."""
         ticks = self._published_ticks
-        for session_id in [k for k in ticks if k not in seen]:
-            del ticks[session_id]  # unchanged since the low mark: no longer needs tracking
         todo = [(tick, s) for tick, s in changed if ticks.get(s.session_id, -1) < tick]
         futures: list[asyncio.Future[None]] = []
         try:

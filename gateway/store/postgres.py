@@ -180,7 +180,9 @@ upd AS (
         total_records = s.total_records + sd.n,
         total_workers = s.total_workers + sd.new_workers,
         state_tick = nextval('session_state_tick'),
-        state_xid = pg_current_xact_id()::text::bigint,
+        -- unchanged while open: no indexed column moves, a HOT update (see state_ticks)
+        state_xid = CASE WHEN s.status = 'open' THEN s.state_xid
+                         ELSE pg_current_xact_id()::text::bigint END,
         updated_at = now()
     FROM sd WHERE s.session_id = sd.session_id
     RETURNING s.session_id
@@ -659,16 +661,31 @@ class PostgresStore:
             value = await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
         return int(value)
 
-    async def sessions_changed(
-        self, since_xid: int, *, open_only: bool = False
-    ) -> list[tuple[int, Session]]:
-        """(state tick, session with totals) of sessions changed by transactions >= since_xid."""
-        condition = "s.status = 'open'" if open_only else "s.state_xid >= $1"
+    async def state_ticks(self, since_xid: int) -> dict[str, int]:
+        """The state tick of every open session, and of every other session changed by a
+        transaction >= ``since_xid``.
+
+        Open sessions are listed whole because a record does not move ``state_xid`` while its
+        session is open (``_INSERT_RECORDS``): the update of the totals then changes no indexed
+        column and stays a HOT update. Every other change moves it (open, close, expiry,
+        extend, void, update, and a late record into a closed session)."""
+        async with self._conn() as conn:
+            rows = await conn.fetch(
+                """SELECT session_id, state_tick FROM production_sessions WHERE status = 'open'
+                   UNION ALL
+                   SELECT session_id, state_tick FROM production_sessions
+                   WHERE state_xid >= $1 AND status <> 'open'""",
+                since_xid,
+            )
+        return {r["session_id"]: r["state_tick"] for r in rows}
+
+    async def session_states(self, session_ids: Sequence[str]) -> list[tuple[int, Session]]:
+        """(state tick, session with totals) of ``session_ids``, by tick."""
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"""SELECT s.state_tick, {_SESSION_COLUMNS} FROM production_sessions s
-                    WHERE {condition} AND $1::bigint IS NOT NULL ORDER BY s.state_tick""",
-                since_xid,
+                    WHERE s.session_id = ANY($1::text[]) ORDER BY s.state_tick""",
+                list(session_ids),
             )
             if not rows:
                 return []

@@ -161,6 +161,44 @@ async def test_late_subscriber_gets_retained_state_with_live_totals(
     assert state["totals"]["amount"] == pytest.approx(9.5 * 5.5 * 1.1)
 
 
+async def test_records_update_an_open_session_in_place(
+    servers: Servers, database: str, device: Device, session_id: str
+) -> None:
+    """A record moves its open session's totals with a HOT update (no new entry in any of the
+    session's indexes, so the hottest rows do not bloat them), and the retained state, which
+    no longer finds the session through an index, still follows."""
+    conn = await asyncpg.connect(database)
+
+    async def updates() -> tuple[int, int]:
+        row = await conn.fetchrow(
+            """SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+               WHERE relname = 'production_sessions'"""
+        )
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    try:
+        all_before, hot_before = await updates()
+        for _ in range(30):  # one at a time: a batch, so a totals update, each
+            reply = await device.request(f"sessions/{session_id}/records", record(units=1))
+            assert reply["status"] == "success", reply
+        for _ in range(100):  # backends report their counts once idle, within about a second
+            all_after, hot_after = await updates()
+            if all_after - all_before >= 30:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+    assert all_after - all_before >= 30
+    assert hot_after - hot_before >= 24, (all_after - all_before, hot_after - hot_before)
+    for _ in range(60):
+        state = orjson.loads((await _retained_state(servers, session_id)).payload)
+        if state["totals"]["records"] == 30:
+            break
+        await asyncio.sleep(0.1)
+    assert state["totals"]["records"] == 30 and state["totals"]["units"] == 30
+
+
 async def test_state_is_coalesced_under_a_burst(
     servers: Servers, device: Device, session_id: str
 ) -> None:

@@ -3,10 +3,15 @@ still accepted that long after it closed; nothing else is."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import aiomqtt
 import asyncpg
+import orjson
 
 from gateway.core.models import CreateRecord
 from gateway.core.rules import Limits
@@ -40,6 +45,9 @@ async def test_records_made_while_open_land_within_the_grace(
         made_while_open = record(recordedAtUtc=_at(opened_at + timedelta(minutes=5)))
         closed = await device.request(f"sessions/{sid}/close", {})
         assert closed["status"] == "success"
+        state_topic = f"{prefix}/sessions/{sid}/state"
+        await _closed_state_with_records(servers, state_topic, 0)
+        await asyncio.sleep(1)  # the state publisher's low mark moves past the close
         late = await device.request(f"sessions/{sid}/records", made_while_open)
         assert late["status"] == "success", late
         assert late["data"]["idempotent"] is False
@@ -50,8 +58,31 @@ async def test_records_made_while_open_land_within_the_grace(
         refused = await device.request(f"sessions/{sid}/records", before_open)
         assert refused["error"]["code"] == "SESSION_CLOSED"
         got = (await device.request(f"sessions/{sid}/get", {}))["data"]
+        state = await _closed_state_with_records(servers, state_topic, 1)
     assert got["status"] == "closed"
     assert got["totals"]["records"] == 1
+    assert state["totals"]["units"] == got["totals"]["units"]
+
+
+async def _closed_state_with_records(servers: Servers, topic: str, records: int) -> dict[str, Any]:
+    """The retained state once it shows the session closed with ``records`` records: a late
+    record moves a closed session's state too (its state_xid, which an open session's records
+    leave alone), so the state publisher republishes it."""
+    state: dict[str, Any] = {}
+    for _ in range(60):
+        async with aiomqtt.Client(
+            servers.mqtt_host, servers.mqtt_port, protocol=aiomqtt.ProtocolVersion.V5
+        ) as watcher:
+            await watcher.subscribe(topic, qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1):
+                    async for msg in watcher.messages:
+                        state = orjson.loads(msg.payload)
+                        break
+        if state.get("status") == "closed" and state["totals"]["records"] == records:
+            return state
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"retained state on {topic} never showed {records} records: {state}")
 
 
 async def test_without_grace_a_closed_session_takes_nothing(

@@ -18,7 +18,7 @@ from gateway.core.rules import Limits
 from gateway.errors import SessionExpired
 from gateway.service import RecordAccepted, RecordRequest, Service, expiry_events
 from gateway.store.postgres import PostgresStore
-from tests.conftest import gateway_settings, running_gateway
+from tests.conftest import create_database, gateway_settings, running_gateway
 from tests.support.devices import Device
 from tests.support.servers import Servers
 from tests.support.tenants import make_tenant, opened, record
@@ -29,11 +29,17 @@ def _at(when: datetime) -> str:
 
 
 async def test_records_made_while_open_land_within_the_grace(
-    servers: Servers, database: str, store: PostgresStore
+    servers: Servers,
 ) -> None:
-    """After close: inside the window and within the grace accepted; outside refused."""
+    """After close: inside the window and within the grace accepted; outside refused. A
+    database of its own: its gateway is then the one that publishes the retained state."""
     prefix = f"hb-grace-{secrets.token_hex(3)}/v2"
-    tenant = await make_tenant(store)
+    database = await create_database(servers)
+    store = await PostgresStore.connect(database, max_size=1)
+    try:
+        tenant = await make_tenant(store)
+    finally:
+        await store.close()
     settings = gateway_settings(servers, database, topic_prefix=prefix, late_sync_grace_s=3600)
     async with (
         running_gateway(settings),

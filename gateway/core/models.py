@@ -77,10 +77,19 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    """PostgreSQL text cannot hold NUL: refused in the field that carries it, so that the
+    rest of the payload (its envelope, the other items of a bulk) is still answered."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters (\\u0000)")
+    return value
+
+
 Instant = Annotated[datetime, BeforeValidator(_parse_instant)]
-Id = Annotated[StrictStr, Field(min_length=1, max_length=ID_MAX), AfterValidator(_not_blank)]
-Name = Annotated[StrictStr, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_not_blank)]
-Notes = Annotated[StrictStr, Field(max_length=NOTES_MAX)]
+Text = Annotated[StrictStr, AfterValidator(_no_nul)]
+Id = Annotated[Text, Field(min_length=1, max_length=ID_MAX), AfterValidator(_not_blank)]
+Name = Annotated[Text, Field(min_length=1, max_length=NAME_MAX), AfterValidator(_not_blank)]
+Notes = Annotated[Text, Field(max_length=NOTES_MAX)]
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=0)]
 Amount = Annotated[NonNegative, AfterValidator(as_stored)]  # units, prices: stored as numeric
@@ -124,7 +133,7 @@ class Bonus(BaseModel):
 
     type: Literal["percent", "fixed"]
     value: Money
-    note: Annotated[StrictStr, Field(max_length=NAME_MAX)] | None = None
+    note: Annotated[Text, Field(max_length=NAME_MAX)] | None = None
 
     def as_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "value": number_out(self.value)}
@@ -298,7 +307,7 @@ class RecordCommand(_Request):
 class VoidRecord(RecordCommand):
     what_it_is: ClassVar[str] = "a void"
 
-    reason: Annotated[StrictStr, Field(min_length=1, max_length=NOTES_MAX)]
+    reason: Annotated[Text, Field(min_length=1, max_length=NOTES_MAX)]
 
     @field_validator("reason")
     @classmethod
@@ -311,7 +320,7 @@ class VoidRecord(RecordCommand):
 class CheckIdempotency(_Request):
     what_it_is: ClassVar[str] = "a check"
 
-    key: Annotated[StrictStr, Field(min_length=1, max_length=1024)]
+    key: Annotated[Text, Field(min_length=1, max_length=1024)]
 
 
 class Envelope(NamedTuple):
@@ -408,8 +417,6 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
         data, problem = _decode_out_of_range(raw), None
     if problem is not None:  # raised outside the except: no exception chain kept alive
         raise InvalidRequest(problem)
-    if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; refuse it at the door
-        raise InvalidRequest("payload contains NUL characters (\\u0000); text fields cannot")
     if not isinstance(data, dict):
         raise InvalidRequest(
             f'payload must be a JSON object, got {json_type(data)}: send {{"field": value, ...}}'

@@ -200,11 +200,11 @@ def test_decode_object_on_arbitrary_json(value: object, ascii_only: bool) -> Non
 @FEW
 @given(value=st.dictionaries(st.text(max_size=12), wire_values, max_size=6))
 def test_decode_object_round_trips_wire_json(value: dict[str, Any]) -> None:
-    """A JSON object within the limits decodes to exactly what was encoded (NUL is refused:
-    PostgreSQL text cannot hold it)."""
+    """A JSON object within the limits decodes to exactly what was encoded (NUL included: the
+    field that carries one is refused by the models, not the whole payload here)."""
     raw = orjson.dumps(value)
     got = decode(raw)
-    if depth(value) <= MAX_DEPTH and b"\\u0000" not in raw:
+    if depth(value) <= MAX_DEPTH:
         assert got == value
     else:
         assert isinstance(got, InvalidRequest)

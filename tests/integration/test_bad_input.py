@@ -18,7 +18,7 @@ from gateway.app import Gateway
 from gateway.core.auth import mint_token
 from gateway.store.postgres import PostgresStore
 from tests.conftest import PREFIX, gateway_settings, running_gateway
-from tests.support.devices import Device
+from tests.support.devices import Device, LegacyDevice
 from tests.support.extra_broker import props
 from tests.support.extra_helpers import (
     RawClient,
@@ -159,6 +159,46 @@ async def test_a_number_beyond_a_double_is_refused_by_field_with_the_request_id(
     )
     assert update["error"]["details"]["fields"][0]["field"] == "pricePerUnit", update
     assert update["requestId"] == "r-up"
+
+
+async def test_a_nul_character_fails_its_field_not_the_payload(
+    device: Device, legacy_device: LegacyDevice, tenant: Tenant, session_id: str, database: str
+) -> None:
+    """PostgreSQL text cannot hold NUL, so a field carrying \\u0000 is refused by name; the rest
+    of the payload is still read: its replyTo and requestId are honoured, and the other items
+    of a bulk are stored (a whole bulk refused for one bad count blocked a handheld's backlog).
+    A backslash followed by "u0000" is only text, and is stored."""
+    companies = [tenant.company_id]
+    body = {**record(event="evt_nul_1"), "worker_name": "Jos\u0000e", "requestId": "r-nul"}
+    reply, error = await refuse(
+        device,
+        database,
+        f"sessions/{session_id}/records",
+        body,
+        "VALIDATION_ERROR",
+        companies=companies,
+    )
+    assert field_names(error) == ["worker_name"]
+    assert (reply["requestId"], reply["clientEventId"]) == ("r-nul", "evt_nul_1")
+    legacy = await legacy_device.request(
+        f"sessions/{session_id}/records", {**body, "requestId": "r-nul-311"}
+    )  # answered on its replyTo, or the request times out
+    assert (legacy["error"]["code"], legacy["requestId"]) == ("VALIDATION_ERROR", "r-nul-311")
+
+    items = [record(event=f"evt_nul_bulk_{i}", sessionId=session_id) for i in range(3)]
+    items[1]["workerId"] = "JS\u00000315"
+    before = await stored_for(database, companies)
+    bulk = await device.request("records/bulk", {"records": items, "requestId": "r-bulk"})
+    assert bulk["requestId"] == "r-bulk", bulk
+    assert [r["status"] for r in bulk["results"]] == ["ok", "failed", "ok"], bulk
+    assert bulk["results"][1]["error"]["code"] == "VALIDATION_ERROR"
+    assert (await stored_for(database, companies)).records == before.records + 2
+
+    text = await device.request(
+        f"sessions/{session_id}/records", {**record(event="evt_nul_2"), "worker_name": "a\\u0000b"}
+    )
+    assert text["status"] == "success", text
+    assert text["data"]["payloadPreview"]["worker_name"] == "a\\u0000b"
 
 
 async def test_garbage_on_every_request_topic_is_answered(

@@ -312,12 +312,9 @@ class Service:
             hours = cmd.maxDurationHours
             rules.check_duration(hours, self.limits)
         deadline = rules.deadline(opened_at, hours)
-        if deadline <= arrival:
-            raise SessionExpired(
-                f"a session opened at {rules.iso(opened_at)} for {hours:g} h "
-                f"expired at {rules.iso(deadline)}",
-                {"expiredAt": rules.iso(deadline)},
-            )
+        # A deadline already passed creates nothing, but the key's open session (extended
+        # since, say) is still the answer to a device re-sending its open.
+        too_late = deadline <= arrival
         bonus = cmd.bonus.as_json() if cmd.bonus else project.bonus
         new = NewSession(
             session_id=new_session_id(),
@@ -343,10 +340,16 @@ class Service:
         draft = session_object_for_new(new)
         events = [new_event(EventType.OPENED, new.session_id, draft, arrival)]
         session, created, expired = await self.store.open_session(
-            new, arrival, events, lambda closed: expiry_events(closed, arrival)
+            new, arrival, events, lambda closed: expiry_events(closed, arrival), create=not too_late
         )
         for gone in expired:
             self.session_changed(gone.session_id)
+        if session is None:
+            raise SessionExpired(
+                f"a session opened at {rules.iso(opened_at)} for {hours:g} h "
+                f"expired at {rules.iso(deadline)}",
+                {"expiredAt": rules.iso(deadline)},
+            )
         if not created:
             if session.facts.owner != who.sub:
                 raise SessionAlreadyOpen(

@@ -451,13 +451,15 @@ class PostgresStore:
         arrival: datetime,
         events: Sequence[SessionEvent],
         announce: Callable[[Sequence[Session]], Sequence[SessionEvent]],
-    ) -> tuple[Session, bool, list[Session]]:
-        """Insert ``new`` unless its key already has an open session.
+        *,
+        create: bool = True,
+    ) -> tuple[Session | None, bool, list[Session]]:
+        """Insert ``new`` unless its key already has an open session (or ``create`` is off).
 
-        Returns (the open session for the key, whether it is ``new``, sessions closed here
-        because they had expired). ``events`` are written to the outbox only if ``new`` wins;
-        the sessions closed here are announced (``announce``) in this transaction, whoever
-        wins, as the sweeper would have.
+        Returns (the open session for the key, None if there is none and ``create`` is off,
+        whether it is ``new``, sessions closed here because they had expired). ``events`` are
+        written to the outbox only if ``new`` wins; the sessions closed here are announced
+        (``announce``) in this transaction, whoever wins, as the sweeper would have.
         """
         async with self._conn() as conn, conn.transaction():
             expired_rows = await conn.fetch(
@@ -479,30 +481,32 @@ class PostgresStore:
             expired = [_session(r, await _workers(conn, r["session_id"])) for r in expired_rows]
             if expired:
                 await self._write_events(conn, announce(expired))
-            row = await conn.fetchrow(
-                f"""INSERT INTO production_sessions AS s (
+            row = None
+            if create:
+                row = await conn.fetchrow(
+                    f"""INSERT INTO production_sessions AS s (
                         session_id, company_id, project_id, owner_id, sector_id, sector_name,
                         timezone, day, opened_at, max_duration_hours, expires_at, sampling_unit,
                         price_per_unit, bonus, notes)
                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
                     ON CONFLICT DO NOTHING
                     RETURNING {_SESSION_COLUMNS}""",
-                new.session_id,
-                new.company_id,
-                new.project_id,
-                new.owner,
-                new.sector_id,
-                new.sector_name,
-                new.timezone,
-                new.day,
-                new.opened_at,
-                new.max_duration_hours,
-                new.expires_at,
-                new.sampling_unit,
-                new.price_per_unit,
-                new.bonus,
-                new.notes,
-            )
+                    new.session_id,
+                    new.company_id,
+                    new.project_id,
+                    new.owner,
+                    new.sector_id,
+                    new.sector_name,
+                    new.timezone,
+                    new.day,
+                    new.opened_at,
+                    new.max_duration_hours,
+                    new.expires_at,
+                    new.sampling_unit,
+                    new.price_per_unit,
+                    new.bonus,
+                    new.notes,
+                )
             created = row is not None
             if row is None:
                 row = await conn.fetchrow(
@@ -514,6 +518,8 @@ class PostgresStore:
                     new.day,
                     new.sector_id,
                 )
+                if row is None and not create:
+                    return None, False, expired
                 if row is None:
                     # The conflicting session closed between our insert and select: retryable.
                     raise StoreUnavailable("open session raced with a close; retry")

@@ -428,6 +428,34 @@ async def test_expired_session_does_not_block_a_new_open(device: Device, tenant:
     assert old["closedAt"] == short["expiresAt"]
 
 
+async def test_an_open_resent_after_its_own_deadline_finds_the_extended_session(
+    servers: Servers, device: Device, tenant: Tenant
+) -> None:
+    """A handheld re-sends its buffered open (openedAt and maxDurationHours as first sent)
+    after that deadline, but the session was extended meanwhile and is still open: the owner
+    gets it back (idempotent), a colleague SESSION_ALREADY_OPEN, not SESSION_EXPIRED (which
+    tells a device to give up on a session that is taking records)."""
+    opened_at = datetime.now(UTC) - timedelta(hours=1) + timedelta(seconds=4)
+    payload = tenant.open_payload(
+        sectorId=tenant.extra_sectors[0], openedAt=iso_ms(opened_at), maxDurationHours=1
+    )
+    first = success(await device.request("sessions/open", payload))
+    extended = await device.request(
+        f"sessions/{first['sessionId']}/extend", {"maxDurationHours": 12}
+    )
+    assert extended["status"] == "success", extended
+    deadline = datetime.fromisoformat(first["expiresAt"].replace("Z", "+00:00"))
+    await asyncio.sleep(max((deadline - datetime.now(UTC)).total_seconds() + 0.3, 0))
+    again = success(await device.request("sessions/open", payload))
+    assert (again["sessionId"], again["idempotent"]) == (first["sessionId"], True)
+    assert again["status"] == "open" and again["maxDurationHours"] == 12
+    async with tenant_device(servers, tenant, sub=tenant.other_user) as colleague:
+        theirs = await colleague.request("sessions/open", payload)
+    assert theirs["status"] == "error", theirs
+    assert theirs["error"]["code"] == "SESSION_ALREADY_OPEN", theirs
+    assert theirs["error"]["details"]["sessionId"] == first["sessionId"]
+
+
 @pytest.mark.parametrize("opener", ["owner", "colleague"])
 async def test_an_open_that_finds_the_key_expired_announces_the_expiry(
     store: PostgresStore, database: str, opener: str

@@ -318,3 +318,83 @@ async def test_price_is_kept_alike_on_open_and_on_update(
     finally:
         await device.request(f"sessions/{sid}/close", {})
     assert on_open == on_update == float(f"{price:.15g}")
+
+
+# --- sessions edited by hand in SQL (migration 005) ----------------------------------------------
+
+
+async def _session_row(database: str, session_id: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(database)
+    try:
+        row = await conn.fetchrow(
+            """SELECT status, close_reason, closed_at, expires_at,
+                      opened_at + make_interval(secs => max_duration_hours * 3600) AS deadline,
+                      (SELECT count(*) FROM session_events e
+                       WHERE e.session_id = s.session_id AND e.type = 'session.expired') AS expired
+               FROM production_sessions s WHERE session_id = $1""",
+            session_id,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return row
+
+
+async def _sql(database: str, statement: str, *args: object) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def test_a_session_moved_back_in_sql_expires_at_its_new_deadline(
+    device: Device, session_id: str, database: str
+) -> None:
+    """Moving only opened_at back by hand (an operator's correction, a checker simulating
+    time): expires_at follows, so the record path and the sweeper agree. Records are refused
+    SESSION_EXPIRED, the session closes at the new deadline (not the old one, in the future),
+    announced once, and nothing is stored after it."""
+    topic = f"sessions/{session_id}/records"
+    assert (await device.request(topic, record()))["status"] == "success"  # facts now cached
+    await _sql(
+        database,
+        "UPDATE production_sessions SET opened_at = opened_at - interval '13 hours' "
+        "WHERE session_id = $1",
+        session_id,
+    )
+    refused = await device.request(topic, record())
+    assert refused["error"]["code"] == "SESSION_EXPIRED", refused
+    for _ in range(150):
+        row = await _session_row(database, session_id)
+        if row["status"] == "closed":
+            break
+        await asyncio.sleep(0.1)
+    assert (row["status"], row["close_reason"]) == ("closed", "expired")
+    assert row["closed_at"] == row["expires_at"] == row["deadline"]
+    assert row["closed_at"] < datetime.now(UTC)
+    assert row["expired"] == 1
+    again = await device.request(topic, record())
+    assert again["error"]["code"] == "SESSION_EXPIRED", again
+    got = await device.request(f"sessions/{session_id}/get", {})
+    assert got["data"]["totals"]["records"] == 1, got
+
+
+async def test_a_session_closed_in_sql_refuses_records_at_once(
+    device: Device, session_id: str, database: str
+) -> None:
+    """A session closed by hand (status only, no version bump) while gateways cache it open:
+    the next record is refused SESSION_CLOSED, not stored into the closed session."""
+    topic = f"sessions/{session_id}/records"
+    assert (await device.request(topic, record()))["status"] == "success"
+    await _sql(
+        database,
+        "UPDATE production_sessions SET status = 'closed', close_reason = 'closed', "
+        "closed_at = now() WHERE session_id = $1",
+        session_id,
+    )
+    refused = await device.request(topic, record())
+    assert refused["error"]["code"] == "SESSION_CLOSED", refused
+    got = await device.request(f"sessions/{session_id}/get", {})
+    assert got["data"]["status"] == "closed"
+    assert got["data"]["totals"]["records"] == 1, got

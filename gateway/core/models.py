@@ -262,7 +262,7 @@ class RecordWithEnvelope(CreateRecord):
     replyTo: StrictStr | None = None
     requestId: (
         Annotated[StrictStr, Field(max_length=NAME_MAX)]
-        | Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
+        | Annotated[int, Field(strict=True, ge=-(2**63), lt=2**64)]  # as orjson reads one
         | Annotated[float, Field(strict=True, allow_inf_nan=False)]
         | None
     ) = Field(default=None, union_mode="left_to_right")

@@ -775,3 +775,21 @@ def test_close_and_extend_refuse_session_fields_they_would_drop(
     assert says in field["message"]
     mine = {"orderId": 7, "sessionId": "s1"}  # a device's own fields, a matching id: fine
     assert validate(model, payload | mine).model_dump()["sessionId"] == "s1"
+
+
+@pytest.mark.parametrize("request_id", [2**63 - 1, 2**63, 2**64 - 1, -(2**63)])
+def test_the_hot_path_echoes_a_64_bit_request_id_as_the_general_path_does(
+    request_id: int,
+) -> None:
+    """A device counting requests in an unsigned 64-bit integer gets it back exactly on the
+    record topic too (the one-pass parse read 2**63 and up as a double: 1.8446744073709552e+19)."""
+    raw = orjson.dumps({**RECORD, "requestId": request_id})
+    fast = parse_record_fast(raw)
+    assert fast is not None
+    assert fast.envelope().request_id == request_id
+    assert type(fast.envelope().request_id) is int
+    general = take_envelope(decode_object(raw, max_bytes=4096, max_depth=16))
+    assert general.request_id == request_id
+    assert orjson.loads(orjson.dumps({"requestId": fast.envelope().request_id})) == {
+        "requestId": request_id
+    }

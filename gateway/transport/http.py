@@ -641,7 +641,12 @@ class HttpSidecar:
 
     async def check_idempotency(self, request: web.Request) -> web.Response:
         who = await self.principal(request)
-        key = request.query.get("key")
+        keys = request.query.getall("key", [])
+        if len(keys) > 1:  # answering for one of them would tell the device nothing of the rest
+            raise InvalidRequest(
+                f"query parameter key is given {len(keys)} times; check one key per request"
+            )
+        key = keys[0] if keys else None
         if not key:
             raise InvalidRequest(
                 "query parameter key is required, e.g. ?key=client:SESSION:WORKER:EVENT"

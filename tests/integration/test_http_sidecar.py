@@ -213,9 +213,9 @@ async def test_check_idempotency_needs_a_valid_token(
 async def test_check_idempotency_needs_a_key(
     http: tuple[aiohttp.ClientSession, str], tenant: Tenant
 ) -> None:
-    """Without ?key= (or with an empty one): 400 VALIDATION_ERROR."""
+    """Without ?key= (or with an empty one, or with two): 400 VALIDATION_ERROR."""
     session, base = http
-    for url in (f"{base}{CHECK}", f"{base}{CHECK}?key="):
+    for url in (f"{base}{CHECK}", f"{base}{CHECK}?key=", f"{base}{CHECK}?key=a&key=b"):
         async with session.get(url, headers=bearer(tenant.token())) as resp:
             assert resp.status == 400, url
             body = await resp.json()

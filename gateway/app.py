@@ -369,7 +369,9 @@ class Gateway:
         """
         starting = None
         if not self.retiring:
-            starting, self.http_port = await self._start_http(starting_app(self.metrics))
+            starting, self.http_port = await self._start_http(
+                starting_app(self.metrics, parse_origins(self.settings.cors_origins))
+            )
         try:
             jwks = await load_keys(self.settings, self.verifier)
             return jwks, await connect_store(self.settings, self._stopping)

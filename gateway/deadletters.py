@@ -37,7 +37,7 @@ class DeadLetterWriter:
     def __call__(self, refusal: Refusal) -> None:
         m = refusal.msg
         payload = refusal.payload if refusal.payload is not None else m.payload
-        size = len(payload)
+        size = refusal.size if refusal.size is not None else len(payload)
         payload = redact_tokens(payload)
         if len(self._buffer) >= MAX_BUFFERED:
             self._buffer.popleft()
@@ -54,7 +54,7 @@ class DeadLetterWriter:
                 auth0_id=_text(refusal.auth0_id) if refusal.auth0_id else None,
                 payload=payload[: self._cap],
                 payload_size=size,
-                truncated=len(payload) > self._cap,
+                truncated=size > self._cap,
             )
         )
         self._metrics.inc_labelled("gateway_refused_total", "code", refusal.code)

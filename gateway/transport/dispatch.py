@@ -77,6 +77,7 @@ class Refusal:
     message: str
     auth0_id: str | None
     payload: bytes | None = None  # what was refused, when it is part of the message (a bulk item)
+    size: int | None = None  # the whole payload's size, when less of it was read (an HTTP body)
 
 
 @dataclass(slots=True)

@@ -112,6 +112,24 @@ def cors_headers(origin: str | None, allowed: frozenset[str] | None) -> dict[str
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")  # an RFC 9110 token
 
 
+def cors_answer(
+    request: web.Request, allowed: frozenset[str] | None
+) -> tuple[dict[str, str], web.Response | None]:
+    """The CORS headers for ``request``'s answer, and the whole answer if it is a preflight."""
+    headers = cors_headers(request.headers.get("Origin"), allowed)
+    if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+        return headers, None
+    if "Access-Control-Allow-Origin" in headers:
+        headers |= {
+            "Access-Control-Allow-Methods": CORS_METHODS,
+            "Access-Control-Allow-Headers": allow_headers(
+                request.headers.get("Access-Control-Request-Headers")
+            ),
+            "Access-Control-Max-Age": CORS_MAX_AGE_S,
+        }
+    return headers, web.Response(status=204, headers=headers)
+
+
 def allow_headers(requested: str | None) -> str:
     """The request headers a preflight allows: ours, plus whatever well-formed header names
     the page asked for (a request id, say): with no cookies involved, an extra header the
@@ -363,17 +381,9 @@ class HttpSidecar:
     @web.middleware
     async def _cors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Browsers: answer preflights, and let allowed origins read the responses."""
-        headers = cors_headers(request.headers.get("Origin"), self.cors_origins)
-        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
-            if "Access-Control-Allow-Origin" in headers:
-                headers |= {
-                    "Access-Control-Allow-Methods": CORS_METHODS,
-                    "Access-Control-Allow-Headers": allow_headers(
-                        request.headers.get("Access-Control-Request-Headers")
-                    ),
-                    "Access-Control-Max-Age": CORS_MAX_AGE_S,
-                }
-            return web.Response(status=204, headers=headers)
+        headers, preflight = cors_answer(request, self.cors_origins)
+        if preflight is not None:
+            return preflight
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -485,7 +495,10 @@ class HttpSidecar:
             received_at=call.at,
             epoch=0,
         )
-        self._on_refused(Refusal(msg, code, message, call.sub, payload=payload))
+        size = None
+        if payload is None and len(msg.payload) > self.max_payload_bytes:
+            size = request.content_length  # what was read stops past the limit
+        self._on_refused(Refusal(msg, code, message, call.sub, payload=payload, size=size))
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, read once and at most ``max_payload_bytes + 1`` bytes of it (what a dead
@@ -508,8 +521,35 @@ class HttpSidecar:
         self, request: web.Request, *, bulk: bool = False, record: bool = False
     ) -> tuple[dict[str, Any], Principal]:
         """The JSON object body (envelope fields set aside) and the caller. For a ``record``,
-        its ``clientEventId`` is echoed by every answer, refusals of the token included."""
-        raw = await self._read(request)
+        its ``clientEventId`` is echoed by every answer, refusals of the token included.
+
+        A missing or bad token is answered 401 before anything the body holds (as a client
+        that refreshes its token on 401 expects), echoing what the body let us read."""
+        unauthorized: RequestError | None = None
+        try:
+            self.verifier.verify(bearer_header(authorization_of(request)))
+        except RequestError as exc:
+            unauthorized = exc
+        try:
+            data = self._decode(request, await self._read(request))
+            envelope = take_envelope(data)
+            call = _call(request)
+            call.request_id = envelope.request_id
+            if record and isinstance(event_id := data.get("clientEventId"), str):
+                call.client_event_id = event_id
+            if unauthorized is not None:
+                raise unauthorized
+            envelope.check()
+        except RequestError:
+            if unauthorized is not None:
+                raise unauthorized from None
+            raise
+        cost = 1
+        if bulk and isinstance(items := data.get("records"), list):
+            cost = max(1, len(items))
+        return data, await self.principal(request, envelope.auth0_id, cost)
+
+    def _decode(self, request: web.Request, raw: bytes) -> dict[str, Any]:
         if len(raw) > self.max_payload_bytes:
             limit = self.max_payload_bytes
             size = request.content_length  # what was read stops at the limit
@@ -518,19 +558,9 @@ class HttpSidecar:
                     f"body is {size} bytes; the limit is {limit}", {"size": size, "limit": limit}
                 )
             raise PayloadTooLarge(f"body over the limit of {limit} bytes", {"limit": limit})
-        data = decode_object(
+        return decode_object(
             raw or b"{}", max_bytes=self.max_payload_bytes, max_depth=self.max_json_depth
         )
-        envelope = take_envelope(data)
-        call = _call(request)
-        call.request_id = envelope.request_id
-        if record and isinstance(event_id := data.get("clientEventId"), str):
-            call.client_event_id = event_id
-        envelope.check()
-        cost = 1
-        if bulk and isinstance(items := data.get("records"), list):
-            cost = max(1, len(items))
-        return data, await self.principal(request, envelope.auth0_id, cost)
 
     def answer(
         self, request: web.Request, body: dict[str, Any], status: int = 200, **headers: str
@@ -723,10 +753,23 @@ def metrics_response(metrics: Metrics) -> web.Response:
     return web.Response(body=metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def starting_app(metrics: Metrics) -> web.Application:
+def starting_app(
+    metrics: Metrics, cors_origins: frozenset[str] | None = frozenset()
+) -> web.Application:
     """The sidecar while the gateway starts (loading keys, waiting for PostgreSQL): the process
     is alive (``/healthz`` 200, so a liveness probe does not restart it for waiting), not ready
-    (``/readyz`` 503), and every other call is 503 ``UNAVAILABLE`` with ``Retry-After``."""
+    (``/readyz`` 503), and every other call is 503 ``UNAVAILABLE`` with ``Retry-After``. A
+    browser is answered with the CORS headers of the real sidecar, so that a page reads the 503
+    and its Retry-After instead of an opaque CORS failure."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers, preflight = cors_answer(request, cors_origins)
+        if preflight is not None:
+            return preflight
+        response = await handler(request)
+        response.headers.update(headers)
+        return response
 
     async def healthz(_request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
@@ -744,7 +787,7 @@ def starting_app(metrics: Metrics) -> web.Application:
             headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
         )
 
-    app = web.Application()
+    app = web.Application(middlewares=[cors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)

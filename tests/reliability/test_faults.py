@@ -194,6 +194,18 @@ async def test_a_gateway_waiting_for_the_database_is_alive_not_ready(stack: Priv
             assert resp.status == 503
             assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
             assert int(resp.headers["Retry-After"]) >= 1
+        # a browser page too: its preflight is granted and it may read the 503 and Retry-After
+        # (without CORS headers it saw only an opaque network failure)
+        page = {"Origin": "https://dashboard.farm.example"}
+        preflight = {**page, "Access-Control-Request-Method": "POST"}
+        async with http.options(f"{base}/api/control/production/records", headers=preflight) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "*"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        async with http.get(f"{base}/api/control/production/sessions/x", headers=page) as resp:
+            assert resp.status == 503
+            assert resp.headers["Access-Control-Allow-Origin"] == "*"
+            assert "Retry-After" in resp.headers["Access-Control-Expose-Headers"]
         await asyncio.to_thread(stack.pg.start)
         await gateway.wait_ready()
         async with http.get(f"{base}/api/control/production/sessions/x") as resp:

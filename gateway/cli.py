@@ -143,9 +143,15 @@ def cmd_seed(args: argparse.Namespace) -> int:
     settings = load_settings()
     setup_logging(settings.log_level, _tool_format(settings))
     path = Path(args.file)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: give the seed file (.yaml, .yml or .json)")
     if not path.is_file():
         raise ConfigError(f"seed file {path} not found")
-    seed = parse_seed(path.read_text(encoding="utf-8"), name=path.name)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permission denied, say
+        raise ConfigError(f"cannot read seed file {path}: {exc.strerror or exc}") from None
+    seed = parse_seed(data, name=path.name)
     for project in seed.projects:
         if project.maxDurationHours > settings.max_session_hours:
             raise ConfigError(

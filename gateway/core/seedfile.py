@@ -14,7 +14,7 @@ from pydantic import (
     field_validator,
 )
 
-from gateway.core.models import MONEY_MAX, Bonus, Id, Name, validation_error
+from gateway.core.models import BOM, MONEY_MAX, Bonus, Id, Name, validation_error
 from gateway.core.rules import zone
 from gateway.errors import InvalidRequest
 
@@ -92,8 +92,27 @@ class SeedFile(_Seed):
         return {what: company for what, company in refs.items() if company not in known}
 
 
-def parse_seed(text: str, *, name: str = "seed") -> SeedFile:
-    """A seed file from YAML or JSON text; InvalidRequest says what is wrong and where."""
+def seed_text(data: bytes, *, name: str = "seed") -> str:
+    """A seed file's bytes as text: UTF-8, a leading byte order mark dropped (as MQTT payloads
+    may carry one); InvalidRequest says to save it as UTF-8 otherwise."""
+    body = data.removeprefix(BOM)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = exc.start + len(data) - len(body)
+        utf16 = "; it looks like UTF-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise InvalidRequest(
+            f"{name}: not UTF-8 text (byte 0x{data[at]:02x} at offset {at}{utf16}): "
+            "save the file as UTF-8"
+        ) from None
+
+
+def parse_seed(source: str | bytes, *, name: str = "seed") -> SeedFile:
+    """A seed file from YAML or JSON text, or its bytes (UTF-8); InvalidRequest says what is
+    wrong and where. A leading byte order mark is ignored."""
+    text = (
+        seed_text(source, name=name) if isinstance(source, bytes) else source.removeprefix("\ufeff")
+    )
     try:
         data = orjson.loads(text) if name.endswith(".json") else yaml.safe_load(text)
     except (orjson.JSONDecodeError, yaml.YAMLError) as exc:

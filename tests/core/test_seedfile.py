@@ -82,6 +82,36 @@ def test_yaml_default_name() -> None:
     check_spec_example(parse_seed(json.dumps(SPEC_DATA)))
 
 
+@pytest.mark.parametrize(
+    ("source", "name"),
+    [
+        (b"\xef\xbb\xbf" + json.dumps(SPEC_DATA).encode(), "seed.json"),
+        (b"\xef\xbb\xbf" + SPEC_YAML.encode(), "seed.yaml"),
+        ("\ufeff" + json.dumps(SPEC_DATA), "seed.json"),
+        (SPEC_YAML.encode(), "seed.yaml"),
+    ],
+)
+def test_utf8_bytes_and_a_byte_order_mark_are_read(source: str | bytes, name: str) -> None:
+    """A file's UTF-8 bytes parse, with or without the byte order mark some editors write."""
+    check_spec_example(parse_seed(source, name=name))
+
+
+@pytest.mark.parametrize(
+    ("data", "shown"),
+    [
+        (b"\xff\xfe\x00\x01", "byte 0xff at offset 0; it looks like UTF-16"),
+        (b"\xef\xbb\xbfcompanies: [caf\xe9]", "byte 0xe9 at offset 18"),
+    ],
+)
+def test_bytes_that_are_not_utf8_say_to_save_as_utf8(data: bytes, shown: str) -> None:
+    """A file in another encoding is InvalidRequest naming the file, the byte and the remedy."""
+    with pytest.raises(InvalidRequest) as info:
+        parse_seed(data, name="bin.yaml")
+    assert info.value.message.startswith("bin.yaml: not UTF-8 text")
+    assert shown in info.value.message
+    assert "save the file as UTF-8" in info.value.message
+
+
 def test_empty_sections_and_project_defaults() -> None:
     """Sections may be absent; a project's optional settings have defaults."""
     seed = parse_seed(

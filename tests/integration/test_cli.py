@@ -228,6 +228,28 @@ async def test_seed_with_missing_or_broken_file_is_refused(migrated: str, tmp_pa
     assert "Traceback" not in done.stderr + missing.stderr
 
 
+async def test_seed_file_in_another_encoding_or_a_folder_is_refused(
+    migrated: str, tmp_path: Path
+) -> None:
+    """Not UTF-8: one line saying to save it as UTF-8 (no traceback); a folder is named as
+    one; a JSON file starting with a UTF-8 byte order mark loads."""
+    env = clean_env(GATEWAY_DATABASE_URL=migrated)
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    done = await run_cli("seed", str(binary), env=env)
+    assert done.returncode == 2, done
+    assert "bin.yaml: not UTF-8 text" in done.stderr and "save the file as UTF-8" in done.stderr
+    assert "Traceback" not in done.stderr
+    folder = await run_cli("seed", str(tmp_path), env=env)
+    assert folder.returncode == 2, folder
+    assert "is a directory" in folder.stderr and "not found" not in folder.stderr
+    bom = tmp_path / "tenants.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + orjson.dumps(SEED_JSON))
+    ok = await run_cli("seed", str(bom), env=env)
+    assert ok.returncode == 0, ok
+    assert "(4 row(s) new or changed)" in ok.stdout, ok
+
+
 async def test_token_mints_a_verifiable_jwt() -> None:
     """``token --sub user_x --ttl 1h`` prints an HS256 JWT for user_x expiring in an hour."""
     env = clean_env(GATEWAY_JWT_SECRET=JWT_SECRET)

@@ -398,22 +398,50 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(keep=args.keep)
 
 
+def add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    summary: str,
+    more: str,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand whose own --help starts with the summary the command list shows, then
+    ``more``: what it does beyond that, and the GATEWAY_* variables it needs."""
+    kwargs.setdefault("description", f"{summary[0].upper()}{summary[1:]}. {more}")
+    return sub.add_parser(name, help=summary, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gateway import __version__
+
     parser = argparse.ArgumentParser(
         prog="gateway", description="Hydrobit production gateway (MQTT <-> PostgreSQL)"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "run",
-        help="run the gateway, configured by GATEWAY_* variables",
-        description="Run the gateway until SIGTERM or Ctrl-C.",
+        "run the gateway, configured by GATEWAY_* variables",
+        "",
+        description="Run the gateway until SIGTERM or Ctrl-C. It needs at least\n"
+        "GATEWAY_DATABASE_URL (a migrated database), GATEWAY_MQTT_URL and\n"
+        "GATEWAY_JWT_SECRET or GATEWAY_JWT_JWKS (the keys tokens are verified with).",
         epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("dev", help="run everything locally: PostgreSQL, Mosquitto, gateway")
+    p = add_command(
+        sub,
+        "dev",
+        "run everything locally: PostgreSQL, Mosquitto, gateway",
+        "It starts a throwaway PostgreSQL and Mosquitto on loopback (initdb, postgres and "
+        "mosquitto must be installed), migrates, seeds a demo tenant, runs the gateway and "
+        "prints commands to try. It needs no GATEWAY_* variable: it picks its own database, "
+        "broker and ports (GATEWAY_JWT_SECRET, when set, is the secret it signs with).",
+    )
     p.add_argument(
         "--keep",
         action="store_true",
@@ -422,10 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_dev)
 
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "retire",
-        help="take the replica GATEWAY_MQTT_CLIENT_ID out for good: answer what the broker "
+        "take the replica GATEWAY_MQTT_CLIENT_ID out for good: answer what the broker "
         "queued for it, then end its session (else it keeps a share of requests)",
+        "It needs GATEWAY_MQTT_CLIENT_ID set to the removed replica's, and the rest of that "
+        "replica's configuration (GATEWAY_DATABASE_URL, GATEWAY_MQTT_URL and its login, "
+        "GATEWAY_SHARE_GROUP, GATEWAY_JWT_SECRET or GATEWAY_JWT_JWKS), as for gateway run.",
     )
     p.add_argument(
         "--quiet",
@@ -435,7 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_retire)
 
-    p = sub.add_parser("migrate", help="apply pending database migrations")
+    p = add_command(
+        sub,
+        "migrate",
+        "apply pending database migrations",
+        "It needs GATEWAY_DATABASE_URL (the database to migrate). Safe to run twice or from "
+        "several processes at once: each migration is applied once.",
+    )
     p.add_argument(
         "--wait",
         type=seconds,
@@ -445,13 +483,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_migrate)
 
-    p = sub.add_parser("seed", help="load companies, users, projects, sectors (YAML or JSON)")
+    p = add_command(
+        sub,
+        "seed",
+        "load companies, users, projects, sectors (YAML or JSON)",
+        "It needs GATEWAY_DATABASE_URL (a migrated database). Loading the same file twice "
+        "changes nothing; a project's maxDurationHours must be within "
+        "GATEWAY_MAX_SESSION_HOURS.",
+    )
     p.add_argument(
         "file", help="a .yaml/.yml or .json file: companies, users, projects (README: seed file)"
     )
     p.set_defaults(func=cmd_seed)
 
-    p = sub.add_parser("dead-letters", help="list refused requests, newest first")
+    p = add_command(
+        sub,
+        "dead-letters",
+        "list refused requests, newest first",
+        "With --prune-before it deletes old ones instead. It needs GATEWAY_DATABASE_URL "
+        "(the database the gateway records them in).",
+    )
     p.add_argument("--since", type=parse_since, help="ISO time or a duration ago (30m, 2h, 7d)")
     p.add_argument(
         "--reason",
@@ -478,7 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_dead_letters)
 
-    p = sub.add_parser("simulate", help="a fleet of simulated devices over MQTT/WebSocket")
+    p = add_command(
+        sub,
+        "simulate",
+        "a fleet of simulated devices over MQTT/WebSocket",
+        "The devices send records into sessions, through the broker to a running gateway, and "
+        "a summary of replies, latency and errors is printed (exit 1 if any request "
+        "failed). --sub needs GATEWAY_JWT_SECRET to mint the devices' token (or give --token); "
+        "topics start with GATEWAY_TOPIC_PREFIX. The devices connect to the broker "
+        "anonymously (gateway dev's broker lets them in).",
+    )
     p.add_argument("--url", default="ws://127.0.0.1:9001/mqtt", help="the broker's WebSocket URL")
     p.add_argument("--token", help="a JWT for the devices")
     p.add_argument("--sub", help="mint a token for this user with GATEWAY_JWT_SECRET")
@@ -510,8 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_simulate)
 
-    p = sub.add_parser("token", help="mint an HS256 development token")
-    p.add_argument("--sub", required=True, help="the user (auth0Id)")
+    p = add_command(
+        sub,
+        "token",
+        "mint an HS256 development token",
+        "It needs GATEWAY_JWT_SECRET (the token is signed with it) and uses "
+        "GATEWAY_JWT_AUDIENCE and GATEWAY_JWT_ISSUER when set. The user must exist in the "
+        "database (loaded by gateway seed), or every request with the token is answered "
+        "FORBIDDEN: this command does not look at the database.",
+    )
+    p.add_argument(
+        "--sub",
+        required=True,
+        help="the user (auth0Id); one gateway seed loaded, else requests are FORBIDDEN",
+    )
     p.add_argument(
         "--ttl", type=parse_ttl, default=3600, help="lifetime: 3600, 30m, 1h, 7d (default 1h)"
     )

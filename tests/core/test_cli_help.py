@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 
+from gateway import __version__
 from gateway.cli import build_parser
 from gateway.config import Settings
+
+# What each command needs to be told, which its own --help must name.
+NEEDS = {
+    "run": ["GATEWAY_DATABASE_URL", "GATEWAY_MQTT_URL", "GATEWAY_JWT_SECRET"],
+    "dev": ["no GATEWAY_* variable"],
+    "retire": ["GATEWAY_MQTT_CLIENT_ID", "GATEWAY_DATABASE_URL", "GATEWAY_MQTT_URL"],
+    "migrate": ["GATEWAY_DATABASE_URL"],
+    "seed": ["GATEWAY_DATABASE_URL"],
+    "dead-letters": ["GATEWAY_DATABASE_URL"],
+    "simulate": ["GATEWAY_JWT_SECRET", "GATEWAY_TOPIC_PREFIX"],
+    "token": ["GATEWAY_JWT_SECRET"],
+}
 
 
 def help_of(command: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -36,3 +51,43 @@ def test_migrate_refuses_a_wait_that_is_no_duration(
         build_parser().parse_args(["migrate", f"--wait={wait}"])
     assert done.value.code == 2
     assert "seconds" in capsys.readouterr().err
+
+
+def commands() -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
+def test_every_command_is_listed_here() -> None:
+    """A new command gets its line in NEEDS, so that its help is checked below."""
+    assert sorted(commands()) == sorted(NEEDS)
+
+
+@pytest.mark.parametrize("command", sorted(NEEDS))
+def test_each_command_says_what_it_does_and_needs(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A command's own --help has a description, and it names the GATEWAY_* variables the
+    command needs."""
+    description = " ".join((commands()[command].description or "").split())
+    assert description.count(". ") >= 1, (command, description)  # more than a title
+    assert description in " ".join(help_of(command, capsys).split())
+    for name in NEEDS[command]:
+        assert name in description, (command, name)
+
+
+def test_token_help_says_the_user_must_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    """gateway token cannot check the user: its help says an unknown one is FORBIDDEN."""
+    text = " ".join(help_of("token", capsys).split())
+    assert "must exist" in text and "FORBIDDEN" in text
+
+
+def test_version_is_the_one_the_status_message_publishes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """gateway --version prints gateway.__version__, the status message's ``version``."""
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"gateway {__version__}\n"
+    assert __version__ != "0.0.0"  # the installed package's, not the bare-tree fallback

@@ -49,21 +49,43 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+# Closer than this to the deadline, the attempt just made was the last one (asyncio may wake
+# a sleep a clock tick early: without a margin a sliver of time would buy another attempt).
+LAST_ATTEMPT_MARGIN_S = 0.05
+
+
 async def connect(dsn: str, wait_s: float = 0.0) -> asyncpg.Connection:
-    """One connection; while PostgreSQL is unreachable, retry for up to ``wait_s`` seconds."""
-    deadline = time.monotonic() + wait_s
+    """One connection; while PostgreSQL is unreachable, retry until ``wait_s`` seconds have
+    passed, backing off from 0.5 s to 5 s between attempts, the last one at the deadline."""
+    started = time.monotonic()
+    deadline = started + wait_s
     delay = 0.5
+    attempt = 1
     while True:
         try:
             conn: asyncpg.Connection = await asyncpg.connect(dsn)
             return conn
         except Exception as exc:
             err = connect_error(exc)
-            if not isinstance(err, StoreUnavailable) or time.monotonic() + delay > deadline:
+            left = deadline - time.monotonic()
+            if not isinstance(err, StoreUnavailable):
                 raise err from exc
-            log.warning("waiting for PostgreSQL: %s (retry in %.1f s)", exc, delay)
-        await asyncio.sleep(delay)
+            if left <= LAST_ATTEMPT_MARGIN_S:
+                if attempt > 1:  # --wait ran out
+                    waited = time.monotonic() - started
+                    err = StoreUnavailable(f"{err} ({attempt} attempts in {waited:.1f} s)")
+                raise err from exc
+            pause = min(delay, left)
+            log.warning(
+                "waiting for PostgreSQL: %s (attempt %d failed; next in %.1f s, %.1f s left)",
+                exc,
+                attempt,
+                pause,
+                left,
+            )
+        await asyncio.sleep(pause)
         delay = min(delay * 2, 5.0)
+        attempt += 1
 
 
 async def migrate(dsn: str, directory: Path | None = None, *, wait_s: float = 0.0) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import shlex
 import signal
 import socket
@@ -382,6 +383,26 @@ async def test_migrate_without_a_database_says_what_to_check(servers: Servers) -
         assert done.returncode == 2, (command, done)
         assert "GATEWAY_DATABASE_URL" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+async def test_migrate_wait_keeps_trying_until_its_deadline() -> None:
+    """``--wait 3`` with nothing listening: attempts until the 3 s are up, the last one at the
+    deadline (it used to stop at 1.5 s, as the next backoff step would pass it), then one
+    error line saying how many attempts were made."""
+    down = clean_env(GATEWAY_DATABASE_URL=f"postgresql://x@127.0.0.1:{closed_port()}/x")
+    began = time.monotonic()
+    done = await run_cli("migrate", "--wait", "3", env=down, timeout=60)
+    took = time.monotonic() - began
+    assert done.returncode == 1, done
+    assert took >= 2.7, (took, done.stderr)
+    waits = re.findall(r"attempt (\d+) failed; next in ([\d.]+) s, ([\d.]+) s left", done.stderr)
+    assert [int(n) for n, _, _ in waits] == list(range(1, len(waits) + 1)), done.stderr
+    _, pause, left = waits[-1]
+    assert pause == left, done.stderr  # the last sleep ends at the deadline
+    gave_up = re.search(r"\((\d+) attempts in ([\d.]+) s\)", done.stderr)
+    assert gave_up, done.stderr
+    assert int(gave_up[1]) == len(waits) + 1 and float(gave_up[2]) >= 2.9, done.stderr
+    assert "Is PostgreSQL running" in done.stderr and "Traceback" not in done.stderr
 
 
 async def test_dead_letters_into_a_closed_pipe_ends_quietly(migrated: str) -> None:

@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         "a fleet of simulated devices over MQTT/WebSocket",
         "The devices send records into sessions, through the broker to a running gateway, and "
-        "a summary of replies, latency and errors is printed (exit 1 if any request "
+        "a summary of replies, latency and errors by code is printed (exit 1 if any request "
         "failed). --sub needs GATEWAY_JWT_SECRET to mint the devices' token (or give --token); "
         "topics start with GATEWAY_TOPIC_PREFIX. The devices connect to the broker "
         "anonymously (gateway dev's broker lets them in).",

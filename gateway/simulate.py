@@ -5,8 +5,9 @@ Each worker process drives many device connections from one selector loop on raw
 the WebSocket handshake, then MQTT 5 CONNECT and SUBSCRIBE, then PUBLISH packets that were
 encoded before the clock starts (many per WebSocket frame, with a zero mask key), and replies
 matched by their 8-byte Correlation Data without parsing their JSON (only its first bytes,
-for success/idempotent). A full MQTT client spends more CPU per request than a good gateway,
-which would make the load generator the bottleneck on a small machine.
+for success/idempotent, and an error reply's code). A full MQTT client spends more CPU per
+request than a good gateway, which would make the load generator the bottleneck on a small
+machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import struct
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -142,6 +144,22 @@ class Reply:
     correlation: bytes
     ok: bool
     idempotent: bool
+    code: str = ""  # an error reply's code ("" when ok)
+
+
+_SUCCESS = b'{"status":"success"'
+_CODE = b'"code":"'
+
+
+def error_code_of(payload: bytes) -> str:
+    """The code of an error reply (``{"status":"error","error":{"code":"FORBIDDEN",...``),
+    found without parsing the JSON; ``unknown`` if it has none."""
+    start = payload.find(_CODE)
+    if start < 0:
+        return "unknown"
+    start += len(_CODE)
+    end = payload.find(b'"', start, start + 64)
+    return payload[start:end].decode(errors="replace") if end > start else "unknown"
 
 
 class MqttWsConnection:
@@ -334,16 +352,12 @@ class MqttWsConnection:
                 plen, pstart = vi
                 corr = correlation_of(body[pstart : pstart + plen])
                 payload = bytes(body[pstart + plen :])
-                if corr is not None:
-                    replies.append(
-                        Reply(
-                            corr,
-                            payload.startswith(b'{"status":"success"'),
-                            b'"idempotent":true' in payload,
-                        )
-                    )
-                else:
+                if corr is None:
                     self.other.append(payload)
+                elif payload.startswith(_SUCCESS):
+                    replies.append(Reply(corr, True, b'"idempotent":true' in payload))
+                else:  # errors are few: only they pay for a search
+                    replies.append(Reply(corr, False, False, error_code_of(payload)))
         return replies
 
     def request_json(
@@ -416,6 +430,7 @@ class WorkerResult:
     replies: int = 0
     ok: int = 0
     errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
     idempotent: int = 0
     latencies: list[float] = field(default_factory=list)
     cpu_s: float = 0.0
@@ -571,6 +586,7 @@ class _Worker:
                 self.outstanding[i] -= 1
                 if not r.ok:
                     result.errors += 1
+                    result.error_codes[r.code] = result.error_codes.get(r.code, 0) + 1
                     continue
                 result.ok += 1
                 result.idempotent += r.idempotent
@@ -637,6 +653,7 @@ class FleetSummary:
     replies: int
     ok: int
     errors: int
+    error_codes: dict[str, int]  # errors by code, most frequent first
     idempotent: int
     rate: float
     p50_ms: float
@@ -649,10 +666,16 @@ class FleetSummary:
             f"{self.replies}/{self.sent} answered in {self.wall_s:.2f} s: "
             f"{self.rate:,.0f} records/s, "
             f"ack latency (publish to reply) p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms, "
-            f"{self.idempotent} duplicates (idempotent), {self.errors} errors; "
+            f"{self.idempotent} duplicates (idempotent), {self.errors} errors{self.by_code()}; "
             f"fleet CPU {self.fleet_cpu_s:.2f} s "
             f"({1e6 * self.fleet_cpu_s / max(1, self.replies):.0f} us/record)"
         )
+
+    def by_code(self) -> str:
+        """`` (FORBIDDEN 48, SESSION_CLOSED 2)``, or nothing without errors."""
+        if not self.error_codes:
+            return ""
+        return " (" + ", ".join(f"{c} {n}" for c, n in self.error_codes.items()) + ")"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -729,11 +752,15 @@ def summarize(results: Sequence[WorkerResult]) -> FleetSummary:
     last = max(r.last_reply for r in results)
     wall = max(1e-9, last - first)
     replies = sum(r.replies for r in results)
+    codes: Counter[str] = Counter()
+    for r in results:
+        codes.update(r.error_codes)
     return FleetSummary(
         sent=sum(r.sent for r in results),
         replies=replies,
         ok=sum(r.ok for r in results),
         errors=sum(r.errors for r in results),
+        error_codes=dict(codes.most_common()),
         idempotent=sum(r.idempotent for r in results),
         rate=replies / wall,
         p50_ms=1000 * percentile(latencies, 0.50),

@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 
 import asyncpg
+import orjson
 
 from gateway.app import Gateway
+from gateway.errors import SessionClosed, error_body
+from gateway.simulate import error_code_of
+from tests.support.devices import Device
 from tests.support.extra_helpers import Completed, clean_env, run_cli
 from tests.support.servers import Servers
 from tests.support.tenants import JWT_SECRET, Tenant
@@ -17,7 +21,7 @@ SUMMARY = re.compile(
     r"(?P<replies>\d+)/(?P<sent>\d+) answered in [\d.]+ s: [\d,]+ records/s, "
     r"ack latency \(publish to reply\) p50 [\d.]+ ms p99 [\d.]+ ms, "
     r"(?P<dups>\d+) duplicates \(idempotent\), "
-    r"(?P<errors>\d+) errors; fleet CPU"
+    r"(?P<errors>\d+) errors(?: \((?P<codes>[A-Z_, \d]+)\))?; fleet CPU"
 )
 
 
@@ -35,7 +39,9 @@ async def _simulate(*args: str, expect_rc: int) -> tuple[Completed, dict[str, in
     assert done.returncode == expect_rc, done.stdout + done.stderr[-2000:]
     summary = SUMMARY.search(done.stdout)
     assert summary, done.stdout
-    return done, {k: int(v) for k, v in summary.groupdict().items()}
+    counts = {k: int(v) for k, v in summary.groupdict().items() if k != "codes"}
+    assert (summary["codes"] is None) == (counts["errors"] == 0), done.stdout
+    return done, counts
 
 
 async def _ledger(database: str, session_id: str) -> tuple[int, int, int]:
@@ -91,15 +97,36 @@ async def test_saturation_over_two_processes_into_given_sessions(
 async def test_another_users_session_is_reported_as_errors_and_nothing_stored(
     servers: Servers, gateway: Gateway, tenant: Tenant, database: str, session_id: str
 ) -> None:
-    """A colleague's token on the owner's session: every reply is an error, the exit code says
-    so, and the ledger stays empty."""
-    _, summary = await _simulate(
+    """A colleague's token on the owner's session: every reply is an error, the summary names
+    its code, the exit code says so, and the ledger stays empty."""
+    done, summary = await _simulate(
         *("--url", _ws(servers), "--sub", tenant.other_user, "--session", session_id),
         *("--devices", "2", "--records", "50"),
         expect_rc=1,
     )
     assert summary == {"replies": 50, "sent": 50, "dups": 0, "errors": 50}
+    assert "50 errors (FORBIDDEN 50);" in done.stdout, done.stdout
     assert await _ledger(database, session_id) == (0, 0, 0)
+
+
+async def test_errors_are_counted_by_code(
+    servers: Servers, gateway: Gateway, tenant: Tenant, device: Device, session_id: str
+) -> None:
+    """Half the devices record into a closed session, half into one that does not exist: the
+    summary tells the two codes apart."""
+    closed = await device.request(f"sessions/{session_id}/close", {})
+    assert closed["status"] == "success", closed
+    missing = "sess_" + "0" * 20
+    done, summary = await _simulate(
+        *("--url", _ws(servers), "--sub", tenant.user),
+        *("--session", session_id, "--session", missing, "--devices", "2", "--records", "20"),
+        expect_rc=1,
+    )
+    assert summary == {"replies": 20, "sent": 20, "dups": 0, "errors": 20}
+    codes = SUMMARY.search(done.stdout)
+    assert codes and codes["codes"], done.stdout
+    by_code = dict(item.rsplit(" ", 1) for item in codes["codes"].split(", "))
+    assert by_code == {"SESSION_CLOSED": "10", "NOT_FOUND": "10"}, done.stdout
 
 
 async def test_refused_open_and_unreachable_broker_say_what_to_do(
@@ -152,3 +179,14 @@ async def test_bad_arguments_are_refused_before_connecting() -> None:
         assert done.returncode == 2, (args, done.stderr)
         assert expected in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_error_code_is_read_from_the_reply_without_parsing_it() -> None:
+    """The summary's codes come from the bytes of an error reply as the gateway encodes it;
+    a reply without a code is counted as ``unknown``."""
+    reply = orjson.dumps(
+        {"status": "error", "error": error_body(SessionClosed("closed")), "clientEventId": "e"}
+    )
+    assert error_code_of(reply) == "SESSION_CLOSED"
+    assert error_code_of(b'{"status":"error"}') == "unknown"
+    assert error_code_of(b"not json") == "unknown"

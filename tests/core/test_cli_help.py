@@ -91,3 +91,22 @@ def test_version_is_the_one_the_status_message_publishes(
     assert done.value.code == 0
     assert capsys.readouterr().out == f"gateway {__version__}\n"
     assert __version__ != "0.0.0"  # the installed package's, not the bare-tree fallback
+
+
+@pytest.mark.parametrize(
+    ("audience", "issuer"), [(None, None), ("hydrobit-api", None), ("hb", "https://auth.example/")]
+)
+def test_dev_tokens_carry_the_configured_audience_and_issuer(
+    audience: str | None, issuer: str | None
+) -> None:
+    """`gateway token` and `gateway simulate --sub` mint one way: a token the configured
+    gateway accepts (simulate's left out audience and issuer: every request UNAUTHORIZED)."""
+    from gateway.cli import dev_token
+    from gateway.config import load_settings
+    from gateway.core.auth import KeyRing, TokenVerifier
+
+    secret = "s" * 32
+    settings = load_settings(jwt_secret=secret, jwt_audience=audience, jwt_issuer=issuer)
+    token = dev_token(settings, "user_1", 60)
+    verifier = TokenVerifier(KeyRing(secret=secret), audience=audience, issuer=issuer)
+    assert verifier.verify(f"Bearer {token}").sub == "user_1"

@@ -108,9 +108,11 @@ class DeadLetterWriter:
 # Its header is a JSON object, so it starts "ey" whatever follows the "{" ('eyJ' for '{"',
 # 'eyA' for '{ ', ...).
 _JWT = re.compile(rb"(ey[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{2,}\.)[A-Za-z0-9_-]+")
-# Whatever else follows a Bearer scheme (a token in another form): all of it; not the
-# placeholder of our own messages ("expected 'Bearer <jwt>'").
-_BEARER = re.compile(rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.|<jwt>)[^\s\"'\\&]+")
+# Whatever else follows a Bearer scheme (a token in another form): all of it; not the words
+# of our own messages ("expected 'Bearer <jwt>'", "must use the Bearer scheme: send ...").
+_BEARER = re.compile(
+    rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.|<jwt>|scheme[:\s])[^\s\"'\\&]+"
+)
 MAX_TOPIC = 1024
 
 

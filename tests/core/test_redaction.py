@@ -64,3 +64,16 @@ def test_redaction_leaves_token_free_bytes_alone(raw: bytes) -> None:
     if b"ey" not in raw and b"bearer" not in raw.lower():
         assert out == raw
     assert isinstance(out, bytes)
+
+
+def test_the_gateways_own_messages_about_the_scheme_are_kept_as_said() -> None:
+    """A refusal's message is stored redacted too; "the Bearer scheme: send ..." lost its
+    "scheme:" as if that were a token, so the dead letter no longer said what the client read."""
+    for message in (
+        b"the Authorization header must use the Bearer scheme: send the header "
+        b"Authorization: Bearer <jwt>",
+        b"missing token: send the header Authorization: Bearer <jwt>",
+    ):
+        assert redact_tokens(message) == message
+    for opaque in (b"Bearer schemeless-token", b"Bearer scheme-token", b"Bearer scheme.x"):
+        assert redact_tokens(opaque) == b"Bearer <redacted>", opaque

@@ -262,6 +262,8 @@ def settings_help() -> str:
     for name, field in Settings.model_fields.items():
         default = field.get_default(call_default_factory=True)
         shown = "" if default is None else f" (default {default})"
+        if field.description:  # what a default such as 0 stands for
+            shown = f"{shown[:-1]}: {field.description})" if shown else f" ({field.description})"
         lines.append(f"  GATEWAY_{name.upper()}{shown}")
     return "\n".join(lines)
 

@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     late_sync_grace_s: int = Field(default=0, ge=0)
     clock_skew_s: int = Field(default=300, ge=0)
     state_retain_s: int = Field(default=7 * 86_400, ge=1, le=4_294_967_295)
-    rate_limit_per_s: float = Field(default=0, ge=0)
-    rate_limit_burst: int = Field(default=0, ge=0)
+    rate_limit_per_s: float = Field(default=0, ge=0, description="0 means no limit")
+    rate_limit_burst: int = Field(default=0, ge=0, description="0 means twice the rate")
 
     batch_max: int = Field(default=500, ge=1, le=10_000)
     batch_wait_ms: float = Field(default=2.0, ge=0, le=1000)

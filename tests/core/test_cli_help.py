@@ -36,6 +36,9 @@ def test_run_help_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> Non
     for name in Settings.model_fields:
         assert f"GATEWAY_{name.upper()}" in text, name
     assert "GATEWAY_MAX_BULK (default 1000)" in text
+    # a default of 0 says what 0 stands for (the README's "2 x rate" read as "(default 0)")
+    assert "GATEWAY_RATE_LIMIT_BURST (default 0: 0 means twice the rate)" in text
+    assert "GATEWAY_RATE_LIMIT_PER_S (default 0: 0 means no limit)" in text
 
 
 def test_seed_and_token_help_say_what_they_take(capsys: pytest.CaptureFixture[str]) -> None:

@@ -672,7 +672,7 @@ class Service:
             if existing is not None:  # a replay: answered before the open check
                 return _void_data(existing, idempotent=True)
             refusal = rules.refusal_for_closed(facts, arrival)
-            if refusal is None:
+            if refusal is None or rules.arrived_before_expiry(facts, arrival):
                 void = await tx.void(new_record_id, cmd.reason, rules.to_millis(arrival))
                 data = _void_data(void, idempotent=False)
                 session = tx.session_tx.session

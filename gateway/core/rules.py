@@ -117,6 +117,17 @@ def refusal_for_closed(
     )
 
 
+def arrived_before_expiry(session: SessionFacts, arrival: datetime) -> bool:
+    """Closed as expired, but ``arrival`` came before that deadline (``closed_at``): the
+    sweeper got there while the request waited its turn. Judged on arrival (SPEC §5), the
+    request is applied as if the session were still open."""
+    return (
+        session.close_reason == "expired"
+        and session.closed_at is not None
+        and arrival < session.closed_at
+    )
+
+
 def check_open(session: SessionFacts, at: datetime) -> None:
     refusal = refusal_for_closed(session, at)
     if refusal is not None:
@@ -134,10 +145,8 @@ def admit_record(
     session's open window and arrives within the grace after it ended.
     """
     refusal = refusal_for_closed(session, arrival)
-    if refusal is None:
+    if refusal is None or arrived_before_expiry(session, arrival):
         return
-    if session.close_reason == "expired" and session.closed_at and arrival < session.closed_at:
-        return  # closed_at is the deadline
     if grace_s > 0:
         window_end = session.closed_at if session.status == "closed" else session.deadline
         if (

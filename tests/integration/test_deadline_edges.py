@@ -1,0 +1,112 @@
+"""A session's deadline at its edges: requests that arrived before it but are applied after
+the sweep, and deadlines moved by hand in SQL.
+
+Driven through the service on the real PostgreSQL (the session fixtures), with arrival times
+chosen by the test: no wall-clock assertion, no sleep.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+
+from gateway.core.models import CreateRecord, VoidRecord
+from gateway.core.rules import Limits
+from gateway.errors import RequestError
+from gateway.service import RecordAccepted, RecordRequest, Service
+from gateway.store.postgres import PostgresStore
+from tests.support.tenants import make_tenant, opened, record
+
+
+def _at(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+async def _sql(database: str, statement: str, *args: object) -> None:
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute(statement, *args)
+    finally:
+        await conn.close()
+
+
+async def test_a_void_that_arrived_before_the_deadline_is_applied_after_the_sweep(
+    store: PostgresStore,
+) -> None:
+    """SPEC §5: expiry is judged on arrival time. A record that arrived before the deadline is
+    stored even when applied after the sweep (test_late_sync), and so is a void: it was refused
+    SESSION_EXPIRED, and since a void needs an open session the mistaken record stayed paid."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    # opened 11 h ago, 12 h project default: the deadline lies 1 h ahead of the real clock, so
+    # no real sweeper touches it; the test's own sweep is told a later "now"
+    opened_at = now - timedelta(hours=11)
+    sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
+    deadline = opened_at.replace(microsecond=0) + timedelta(hours=12)
+    cmd = CreateRecord.model_validate(record(units=6, recordedAtUtc=_at(now)))
+    (created,) = await service.create_records([RecordRequest(who, cmd, sid, now)])
+    assert isinstance(created, RecordAccepted), created
+
+    swept = await service.expire_due(deadline + timedelta(seconds=1))
+    assert sid in swept
+
+    arrived = deadline - timedelta(seconds=5)  # the void reached the gateway before the deadline
+    try:
+        void = await service.void_record(
+            who, created.record_id, VoidRecord(reason="wrong worker"), arrived
+        )
+    except RequestError as exc:
+        raise AssertionError(
+            f"a void that arrived before the deadline was refused {exc.code}: {exc}"
+        ) from exc
+    assert void["idempotent"] is False
+    session = await service.get_session(who, sid)
+    assert session["totals"]["units"] == 0
+
+
+async def test_a_deadline_moved_by_hand_through_expires_at_alone_is_one_deadline(
+    store: PostgresStore, database: str
+) -> None:
+    """Migration 006: moving only ``expires_at`` by hand (the sweeper's column) moves
+    ``max_duration_hours`` with it. Before, the record path still judged by ``opened_at +
+    max_duration_hours``: records were refused SESSION_EXPIRED before the new deadline, the
+    session was closed with a ``closedAt`` in the future (``closed_at = expires_at``), and from
+    then on records were accepted into the closed session."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    opened_at = now - timedelta(hours=11)
+    sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
+    deadline = opened_at.replace(microsecond=0) + timedelta(hours=12)
+    # an operator gives the crew two more hours, by hand
+    await _sql(
+        database,
+        "UPDATE production_sessions SET expires_at = expires_at + interval '2 hours' "
+        "WHERE session_id = $1",
+        sid,
+    )
+    service.session_changed(sid)  # (the NOTIFY, delivered at once)
+
+    def create(arrival: datetime) -> RecordRequest:
+        cmd = CreateRecord.model_validate(record(recordedAtUtc=_at(arrival)))
+        return RecordRequest(who, cmd, sid, arrival)
+
+    t1 = deadline + timedelta(minutes=30)
+    (first,) = await service.create_records([create(t1)])
+    got = await service.get_session(who, sid, t1)  # a get at t1 closes it, as expired
+    t2 = deadline + timedelta(minutes=45)
+    (second,) = await service.create_records([create(t2)])
+    outcomes = (type(first).__name__, type(second).__name__)
+    # one deadline: both refused (the old one holds) or both accepted (the new one holds)
+    assert isinstance(first, RecordAccepted) == isinstance(second, RecordAccepted), (
+        outcomes,
+        got["status"],
+        got["closedAt"],
+    )
+    if got["status"] == "closed":
+        assert got["closedAt"] <= _at(t1), got["closedAt"]  # never closed in the future
+        assert not isinstance(second, RecordAccepted), "a record entered a closed session"

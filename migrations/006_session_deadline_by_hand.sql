@@ -3,7 +3,8 @@
 -- more hours") left the record path judging by the old opened_at + max_duration_hours, and the
 -- session then closed with a closedAt in the future. Now max_duration_hours follows it, so
 -- there is one deadline whichever column is edited (an expires_at at or before opened_at is
--- refused by the max_duration_hours > 0 check).
+-- refused by the max_duration_hours > 0 check). And closed_at or close_reason edited by hand
+-- (the end of a late-sync window, expired or closed) bump the version as a status change does.
 
 CREATE OR REPLACE FUNCTION hydrobit_session_hand_edit() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -20,6 +21,8 @@ BEGIN
     IF NEW.version = OLD.version
        AND (NEW.expires_at IS DISTINCT FROM OLD.expires_at
             OR NEW.status IS DISTINCT FROM OLD.status
+            OR NEW.closed_at IS DISTINCT FROM OLD.closed_at
+            OR NEW.close_reason IS DISTINCT FROM OLD.close_reason
             OR NEW.owner_id IS DISTINCT FROM OLD.owner_id
             OR NEW.company_id IS DISTINCT FROM OLD.company_id) THEN
         NEW.version := OLD.version + 1;
@@ -30,3 +33,18 @@ BEGIN
     RETURN NEW;
 END
 $$;
+
+DROP TRIGGER production_sessions_hand_edit ON production_sessions;
+CREATE TRIGGER production_sessions_hand_edit
+    BEFORE UPDATE OF opened_at, max_duration_hours, expires_at, status, closed_at, close_reason,
+        owner_id, company_id
+    ON production_sessions
+    FOR EACH ROW EXECUTE FUNCTION hydrobit_session_hand_edit();
+
+DROP TRIGGER production_sessions_version_changed ON production_sessions;
+CREATE TRIGGER production_sessions_version_changed
+    AFTER UPDATE OF version, opened_at, max_duration_hours, expires_at, status, closed_at,
+        close_reason, owner_id, company_id
+    ON production_sessions
+    FOR EACH ROW WHEN (OLD.version IS DISTINCT FROM NEW.version)
+    EXECUTE FUNCTION hydrobit_session_changed();

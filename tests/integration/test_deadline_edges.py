@@ -110,3 +110,38 @@ async def test_a_deadline_moved_by_hand_through_expires_at_alone_is_one_deadline
     if got["status"] == "closed":
         assert got["closedAt"] <= _at(t1), got["closedAt"]  # never closed in the future
         assert not isinstance(second, RecordAccepted), "a record entered a closed session"
+
+
+async def test_a_close_moved_by_hand_is_judged_by_its_new_time_at_once(
+    store: PostgresStore, database: str
+) -> None:
+    """With a late-sync grace, a closed session takes records made before its closedAt. An
+    operator moving closed_at back by hand (the crew stopped earlier) is seen at once, even
+    by a gateway whose notification has not arrived: a record made after the new closedAt is
+    refused (closed sessions are judged on facts read with the record's lock; migration 006
+    also bumps the version on such an edit, so every cache drops the session)."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits(late_sync_grace_s=3600))
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    sid = await opened(
+        service, who, tenant.open_payload(openedAt=_at(now - timedelta(hours=3))), now
+    )
+    await service.close_session(who, sid, now)
+
+    def create(made: datetime) -> RecordRequest:
+        cmd = CreateRecord.model_validate(record(recordedAtUtc=_at(made)))
+        return RecordRequest(who, cmd, sid, now + timedelta(seconds=10))
+
+    (late,) = await service.create_records([create(now - timedelta(minutes=50))])
+    assert isinstance(late, RecordAccepted), late  # inside the window: the facts now cached
+    await _sql(
+        database,
+        "UPDATE production_sessions SET closed_at = closed_at - interval '1 hour' "
+        "WHERE session_id = $1",
+        sid,
+    )  # no service.session_changed(): the notification has not arrived
+    (after_new_close,) = await service.create_records([create(now - timedelta(minutes=30))])
+    assert not isinstance(after_new_close, RecordAccepted), "made after the moved closedAt"
+    assert isinstance(after_new_close, RequestError)
+    assert after_new_close.code == "SESSION_CLOSED"

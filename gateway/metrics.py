@@ -35,6 +35,8 @@ HELP: dict[str, str] = {
     "gateway_read_pauses_total": "Times reading from the broker paused: too much in flight.",
     "gateway_refused_total": "Requests refused with an error answer (MQTT and REST), by code.",
     "gateway_replies_lost_total": "Replies not published (broker link down; redelivered).",
+    "gateway_replies_unpublishable_total": "Replies no MQTT packet can carry (a topic over "
+    "65,535 bytes): the request is acknowledged unanswered, its refusal dead-lettered.",
     "gateway_request_wait_seconds": "Seconds from the arrival of an MQTT batch's oldest request "
     "to its replies handed to the broker link: observed once per batch, not per request.",
     "gateway_requests_total": "MQTT requests answered, by operation (unknown: not a request "

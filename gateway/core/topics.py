@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -35,6 +36,16 @@ TOPIC_CACHE = 50_000
 # only topics of a sane length are remembered: a flood of long made-up topics must not fill
 # memory (50,000 of at most this many characters: ~20 MB at worst)
 CACHEABLE_TOPIC = 256
+
+# What mosquitto (mosquitto_validate_utf8, 2.0) refuses in a topic, disconnecting the client
+# that published it: NUL, control characters (U+0001-U+001F, U+007F-U+009F), surrogates and
+# non-characters (U+FDD0-U+FDEF, U+xFFFE and U+xFFFF of every plane). A reply to such a topic
+# (a device's replyTo) would cut the gateway off, and the redelivered request again each time.
+_REFUSED_BY_BROKERS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17))
+    + "]"
+)
 
 # (levels after the prefix, first level, last level) of every topic the gateway reads or owns
 _RESERVED_SHAPES = frozenset(
@@ -139,8 +150,9 @@ class Topics:
         shown = topic if len(topic) <= 80 else f"{topic[:80]}... ({len(topic)} characters)"
         return (
             f"{what} {shown!r} is not a topic replies may go to: not a wildcard (+, #), a $ "
-            "topic, over 1024 characters, or one of the gateway's own request, events, state "
-            f"or status topics; use for example {self.client_replies('<client id>')}/replies"
+            "topic, over 1024 characters, with a control character, or one of the gateway's "
+            "own request, events, state or status topics; use for example "
+            f"{self.client_replies('<client id>')}/replies"
         )
 
     def reply_allowed(self, topic: str) -> bool:
@@ -162,7 +174,7 @@ class Topics:
     def _reply_allowed(self, topic: str) -> bool:
         if not topic or len(topic) > 1024 or topic.startswith("$"):
             return False
-        if "+" in topic or "#" in topic or "\x00" in topic:
+        if "+" in topic or "#" in topic or _REFUSED_BY_BROKERS.search(topic):
             return False
         levels = topic.split("/")
         n = self._n

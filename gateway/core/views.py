@@ -180,3 +180,30 @@ def actual_changes(session: Session, changes: dict[str, Any]) -> dict[str, Any]:
     session's: a re-sent update, or one that sets what is already there, changes nothing and
     is announced nowhere."""
     return {k: v for k, v in changes.items() if _CURRENT[k](session) != v}
+
+
+# How far a bulk reply's per-item errors are cut, in turn, to fit the broker's message size:
+# the fields' details first, then long messages, then the messages (the code stays, and the
+# dead-letter table keeps every item's whole refusal).
+BULK_TRIM_STEPS = 3
+TRIMMED_MESSAGE = 120
+
+
+def trim_bulk_results(results: list[dict[str, Any]], step: int) -> list[dict[str, Any]]:
+    """``results`` with each failed item's error cut down to ``step`` (1-3)."""
+    out = []
+    for result in results:
+        error = result.get("error")
+        if not isinstance(error, dict):
+            out.append(result)
+            continue
+        cut: dict[str, Any] = {"code": error.get("code"), "details": {}}
+        message = str(error.get("message", ""))
+        if step == 1:
+            cut["message"] = message
+        elif step == 2:
+            cut["message"] = message[:TRIMMED_MESSAGE]
+        else:
+            cut["message"] = ""
+        out.append({**result, "error": cut})
+    return out

@@ -42,6 +42,7 @@ from gateway.core.models import (
 from gateway.core.ratelimit import RateLimiter
 from gateway.core.rules import Principal
 from gateway.core.topics import Op, Route, Topics
+from gateway.core.views import BULK_TRIM_STEPS, trim_bulk_results
 from gateway.errors import (
     Internal,
     InvalidRequest,
@@ -401,6 +402,8 @@ class Dispatcher:
                 body["clientEventId"] = event_id
         try:
             payload = orjson.dumps(body)
+            if len(payload) > self.max_payload_bytes and isinstance(body.get("results"), list):
+                payload = self._fit_bulk_reply(body)
         except TypeError:  # something that is not JSON slipped into the reply: say so plainly
             log.exception("reply to %s could not be encoded", r.msg.topic)
             payload = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
@@ -413,6 +416,22 @@ class Dispatcher:
             r.msg.correlation,
             r.msg.topic if r.msg.retained else None,
         )
+
+    def _fit_bulk_reply(self, body: dict[str, Any]) -> bytes:
+        """A bulk reply within GATEWAY_MAX_PAYLOAD_BYTES (what the broker takes, per SPEC §6):
+        a thousand items with detailed errors passed 1 MiB, and the broker refused the reply
+        while the request was acknowledged. Failed items' errors are cut down in steps."""
+        results = body["results"]
+        payload = b""
+        for step in range(1, BULK_TRIM_STEPS + 1):
+            payload = orjson.dumps({**body, "results": trim_bulk_results(results, step)})
+            if len(payload) <= self.max_payload_bytes:
+                break
+        log.warning(
+            "bulk reply cut to %d bytes (error details left out; the dead letters keep them)",
+            len(payload),
+        )
+        return payload
 
     # operations ---------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import orjson
 
 from gateway.core.idempotency import split_client_key
 from gateway.core.models import BOM
-from gateway.core.topics import Op, Topics
+from gateway.core.topics import CACHEABLE_TOPIC, Op, Topics
 from gateway.errors import StoreUnavailable
 from gateway.logs import retrieved
 from gateway.metrics import Metrics
@@ -108,9 +108,10 @@ class Pipeline:
             if route is not None and route.op is Op.CHECK_IDEMPOTENCY:
                 return self._shard_by_key(_checked_session(msg.payload))  # not by topic
             shard = self._shard_by_key(route.session_id or route.record_id if route else None)
-            if len(self._shard_by_topic) >= 50_000:
-                self._shard_by_topic.clear()
-            self._shard_by_topic[msg.topic] = shard
+            if len(msg.topic) <= CACHEABLE_TOPIC:  # a topic may be 64 KiB: not those
+                if len(self._shard_by_topic) >= 50_000:
+                    self._shard_by_topic.clear()
+                self._shard_by_topic[msg.topic] = shard
         return shard
 
     def _shard_by_key(self, key: str | None) -> _Shard:
@@ -270,6 +271,13 @@ class Pipeline:
             except PublishError:
                 # Not connected: the request stays unacknowledged and will be redelivered.
                 self._metrics.inc("gateway_replies_lost_total")
+            except Exception:
+                # A reply no MQTT packet can carry (a topic over 65,535 bytes: the default
+                # reply topic of a request on a topic just under it). Redelivered, it would fail
+                # the same way for ever, and it took the pipeline down with it: the request is
+                # acknowledged unanswered (its refusal is in the dead-letter table).
+                log.exception("reply to a request on %.200s could not be published", msg.topic)
+                self._metrics.inc("gateway_replies_unpublishable_total")
             msg.done = True
         self._flush_acks()
 

@@ -235,3 +235,21 @@ def test_long_made_up_topics_are_answered_but_not_remembered() -> None:
     assert topics.parse(f"{P}/sessions/abc/get") is not None
     assert topics.reply_allowed(f"{P}/clients/dev/replies")
     assert len(topics._routes) == 1 and len(topics._allowed) == 1
+
+
+# mosquitto 2.0 (mosquitto_validate_utf8) disconnects a client whose PUBLISH topic holds a
+# control character (U+0001-U+001F, U+007F-U+009F) or a non-character (U+FDD0-U+FDEF,
+# U+xFFFE, U+xFFFF): checked against mosquitto 2.0.11, reason 0x81 "malformed packet".
+REFUSED_BY_MOSQUITTO = ["\x01", "\x1f", "\x7f", "\x85", "\ufdd0", "\ufffe", "\U0001ffff", "\ud800"]
+
+
+@pytest.mark.parametrize("bad", REFUSED_BY_MOSQUITTO, ids=repr)
+def test_no_reply_goes_to_a_topic_the_broker_disconnects_for(bad: str) -> None:
+    """A device's replyTo (read before its token is checked) that mosquitto refuses would cost
+    the gateway its connection, and, the request redelivered, again at every reconnect."""
+    assert not Topics(P).reply_allowed(f"{P}/clients/dev-1/{bad}")
+
+
+@pytest.mark.parametrize("fine", ["é", "日本", "\U0001f600", "a b", "~", "\u00a0"], ids=repr)
+def test_replies_may_go_to_any_other_unicode_topic(fine: str) -> None:
+    assert Topics(P).reply_allowed(f"{P}/clients/dev-1/{fine}")

@@ -209,13 +209,18 @@ class Dispatcher:
 
     def fail_all(self, batch: Sequence[Inbound], exc: BaseException) -> list[Reply]:
         """Every request of a batch answered INTERNAL (a bug, never a data outage): acknowledged
-        rather than redelivered for ever, and kept in the dead-letter table."""
+        rather than redelivered for ever, and kept in the dead-letter table. A request an
+        earlier wave of the batch already applied (``Inbound.settled``) keeps its own answer:
+        a record committed there is not told INTERNAL."""
         replies = []
         for m in batch:
             r = _Request(m, self.topics.default_reply(m.topic), self.topics.parse(m.topic))
             if m.response_topic is not None and self.topics.reply_allowed(m.response_topic):
                 r.reply_topic = m.response_topic
-            r.error = as_request_error(exc)
+            if m.settled is not None:
+                r.body, r.error = m.settled
+            else:
+                r.error = as_request_error(exc)
             replies.append(self._reply(r))
         return replies
 

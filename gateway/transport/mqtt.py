@@ -61,6 +61,12 @@ BACKOFF_MAX_S = 10.0
 STABLE_S = 10.0  # connected this long, a drop starts the backoff over
 CONNECT_TIMEOUT_S = 10.0
 SUBACK_PATIENCE_S = 120.0
+# over a WebSocket, what was queued before a close (DISCONNECT, last PUBACKs) gets this long
+WS_DRAIN_S = 1.0
+# only topics of a sane length get their encoded header remembered (as ``core.topics`` does
+# for parsed topics): 20,000 of at most this many characters, ~5 MB, not ~1.3 GB of 64 KiB ones
+CACHEABLE_TOPIC = 256
+TOPIC_HEADER_CACHE = 20_000
 
 
 @dataclass(slots=True, eq=False)
@@ -162,7 +168,13 @@ class _TcpWire(asyncio.Protocol):
 
 
 class _WsWire:
-    """MQTT over WebSocket (``ws://``, ``wss://``) with the websockets library."""
+    """MQTT over WebSocket (``ws://``, ``wss://``) with the websockets library.
+
+    Like a TCP transport: ``close()`` stops reading at once, lets what was queued before it go
+    out (the DISCONNECT, the last PUBACKs; at most ``WS_DRAIN_S``), then closes the WebSocket;
+    and the link learns, exactly once, that the wire is gone, whether the broker closed it or
+    the link did (keepalive, refused SUBACK, malformed data, stop).
+    """
 
     def __init__(self, link: MqttLink, ws: Any) -> None:
         self._link = link
@@ -170,33 +182,52 @@ class _WsWire:
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._reading = asyncio.Event()
         self._reading.set()
+        self._closing = False
+        self._lost_reported = False
+        self._drained = False  # everything queued before close() was handed to the socket
+        self._closed: asyncio.Task[None] | None = None
         transport = getattr(ws, "transport", None)
         if transport is not None:
             _nodelay(transport.get_extra_info("socket"))
-        self._tasks = [
-            asyncio.create_task(self._read(), name="mqtt-ws-read"),
-            asyncio.create_task(self._write(), name="mqtt-ws-write"),
-        ]
+        self._reader = asyncio.create_task(self._read(), name="mqtt-ws-read")
+        self._writer = asyncio.create_task(self._write(), name="mqtt-ws-write")
+
+    def _report_lost(self, exc: Exception | None) -> None:
+        # once: after that this wire is no longer the link's (a later session has its own)
+        if not self._lost_reported:
+            self._lost_reported = True
+            self._link._wire_lost(exc)
 
     async def _read(self) -> None:
         exc: Exception | None = None
         try:
-            while True:
+            while not self._closing:
                 await self._reading.wait()
                 message = await self._ws.recv()
-                if isinstance(message, bytes):
+                if isinstance(message, bytes) and not self._closing:
                     self._link._received(message)
         except Exception as e:  # closed or broken: the session ends
             exc = e
-        self._link._wire_lost(exc)
+        finally:  # also when close() cancelled us (CancelledError is no Exception)
+            self._report_lost(exc)
 
     async def _write(self) -> None:
         with contextlib.suppress(Exception):
             while (data := await self._outbox.get()) is not None:
                 await self._ws.send(data)
+            self._drained = True
+
+    async def _close(self) -> None:
+        """Let the writer send what was queued before the close (briefly), then close."""
+        with contextlib.suppress(Exception):
+            _, late = await asyncio.wait([self._writer], timeout=WS_DRAIN_S)
+            if late:
+                self._writer.cancel()
+            await self._ws.close()
 
     def write(self, data: bytes) -> None:
-        self._outbox.put_nowait(data)
+        if not self._closing:
+            self._outbox.put_nowait(data)
 
     def pause_reading(self) -> None:
         self._reading.clear()
@@ -205,11 +236,22 @@ class _WsWire:
         self._reading.set()
 
     def close(self) -> None:
-        self._outbox.put_nowait(None)
-        for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
-        self._tasks.append(asyncio.ensure_future(self._ws.close()))
+        if self._closing:
+            return
+        self._closing = True
+        self._outbox.put_nowait(None)  # the writer stops after what is already queued
+        if self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        # reported here too: a reader cancelled before it ever ran does not run its finally
+        self._report_lost(None)
+        self._closed = asyncio.create_task(self._close(), name="mqtt-ws-close")
+
+    async def finish(self) -> bool:
+        """After ``close()``: wait (a little longer than the drain) for the WebSocket to
+        close; whether everything queued before the close went out."""
+        if self._closed is not None:
+            await asyncio.wait([self._closed], timeout=WS_DRAIN_S + 1.0)
+        return self._drained
 
 
 class MqttLink:
@@ -535,14 +577,26 @@ class MqttLink:
                 waits.append(self.publish(self._status_topic, self._offline_payload(), retain=True))
             if waits:
                 await asyncio.wait(waits, timeout=2.0)
+        wire = self._wire
         if self.end_session_on_stop:
             self._write(mqtt5.encode_disconnect(session_expiry=0))
-            self.session_ended = self._wire is not None
-            log.info("mqtt session %s ended", self._settings.mqtt_client_id)
         else:
             self._write(mqtt5.encode_disconnect())
-        if self._wire is not None:
-            self._wire.close()
+        # still queued: held behind publishes waiting for the broker's Receive Maximum
+        sent = wire is not None and not self._out
+        if wire is not None:
+            wire.close()
+            if isinstance(wire, _WsWire):  # its writer sends the DISCONNECT after this
+                sent = await wire.finish()
+        if self.end_session_on_stop:
+            self.session_ended = sent
+            if sent:
+                log.info("mqtt session %s ended", self._settings.mqtt_client_id)
+            else:
+                log.warning(
+                    "the DISCONNECT ending mqtt session %s did not go out",
+                    self._settings.mqtt_client_id,
+                )
         log.info("mqtt disconnected from %s", self._settings.mqtt_display)
 
     async def _keepalive(self) -> None:
@@ -714,9 +768,12 @@ class MqttLink:
         """Queue a publish now; the future resolves at PUBACK (at once for QoS 0)."""
         if self._wire is None or self._lost is None or self._lost.done():
             raise PublishError("not connected to the broker")
+        # encoded before a packet id is taken: a topic or correlation data too long to encode
+        # (ProtocolError, the caller's to handle) leaves no id behind
+        header = self._topic_header(topic)
         packet_id = self._packet_id() if qos else 0
         packet = mqtt5.encode_publish(
-            self._topic_header(topic),
+            header,
             payload,
             packet_id=packet_id,
             qos=qos,
@@ -738,16 +795,13 @@ class MqttLink:
         """A QoS 1 reply nobody awaits: like ``publish`` without a future (the hot path)."""
         if self._wire is None or self._lost is None or self._lost.done():
             raise PublishError("not connected to the broker")
+        # the packet first, then its id: should encoding raise (a topic or correlation data
+        # over 65,535 bytes: ProtocolError, the caller's to handle) no id stays taken
+        header = self._topic_header(topic)
         packet_id = self._packet_id()
+        packet = mqtt5.encode_publish(header, payload, packet_id=packet_id, correlation=correlation)
         self._pending[packet_id] = None
-        self._out.append(
-            (
-                mqtt5.encode_publish(
-                    self._topic_header(topic), payload, packet_id=packet_id, correlation=correlation
-                ),
-                1,
-            )
-        )
+        self._out.append((packet, 1))
         if not self._flush_scheduled:
             self._schedule_flush()
 
@@ -755,9 +809,10 @@ class MqttLink:
         header = self._topic_headers.get(topic)
         if header is None:
             header = mqtt5.topic_header(topic)
-            if len(self._topic_headers) >= 20_000:
-                self._topic_headers.clear()
-            self._topic_headers[topic] = header
+            if len(topic) <= CACHEABLE_TOPIC:  # a long one is encoded each time
+                if len(self._topic_headers) >= TOPIC_HEADER_CACHE:
+                    self._topic_headers.clear()
+                self._topic_headers[topic] = header
         return header
 
     def ack(self, msg: Inbound) -> None:

@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, cast
 
+import orjson
 import pytest
 
 from bench.__main__ import _batch_stats
@@ -414,6 +415,21 @@ def test_a_failed_batch_is_counted_internal_under_each_operation() -> None:
     dispatcher(metrics).fail_all(batch, RuntimeError("a bug"))
     assert answered(metrics) == {
         'gateway_requests_total{op="sessions.open",outcome="INTERNAL"}': 1,
+        'gateway_requests_total{op="records.void",outcome="INTERNAL"}': 1,
+    }
+
+
+def test_a_failed_batch_keeps_what_an_earlier_wave_decided() -> None:
+    """A request a batch's earlier wave applied (Inbound.settled) is answered as decided when a
+    later wave fails with a bug: a committed record told INTERNAL would be sent again."""
+    metrics = Metrics()
+    done = request("sessions/s1/records", b"{}")
+    done.settled = ({"status": "success", "data": {"recordId": "rec_1"}}, None)
+    batch = [done, request("records/r1/void", b"{}", mid=2)]
+    replies = dispatcher(metrics).fail_all(batch, RuntimeError("a bug"))
+    assert [orjson.loads(r.payload)["status"] for r in replies] == ["success", "error"]
+    assert answered(metrics) == {
+        'gateway_requests_total{op="records.create",outcome="ok"}': 1,
         'gateway_requests_total{op="records.void",outcome="INTERNAL"}': 1,
     }
 

@@ -2,8 +2,7 @@
 -- moved by hand; one that moves expires_at alone (the sweeper's column: "give the crew two
 -- more hours") left the record path judging by the old opened_at + max_duration_hours, and the
 -- session then closed with a closedAt in the future. Now max_duration_hours follows it, so
--- there is one deadline whichever column is edited (an expires_at at or before opened_at is
--- refused by the max_duration_hours > 0 check). And closed_at or close_reason edited by hand
+-- there is one deadline whichever column is edited. And closed_at or close_reason edited by hand
 -- (the end of a late-sync window, expired or closed) bump the version as a status change does.
 
 CREATE OR REPLACE FUNCTION hydrobit_session_hand_edit() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -15,8 +14,10 @@ BEGIN
     ELSIF NEW.expires_at IS DISTINCT FROM OLD.expires_at
           AND NEW.opened_at IS NOT DISTINCT FROM OLD.opened_at
           AND NEW.max_duration_hours IS NOT DISTINCT FROM OLD.max_duration_hours THEN
-        NEW.max_duration_hours :=
-            extract(epoch FROM NEW.expires_at - NEW.opened_at)::double precision / 3600;
+        -- ("end it now" on a session opened a moment ago may put expires_at before opened_at:
+        -- a duration of a few milliseconds then, past as the other)
+        NEW.max_duration_hours := greatest(
+            extract(epoch FROM NEW.expires_at - NEW.opened_at)::double precision / 3600, 1e-6);
     END IF;
     IF NEW.version = OLD.version
        AND (NEW.expires_at IS DISTINCT FROM OLD.expires_at

@@ -145,3 +145,28 @@ async def test_a_close_moved_by_hand_is_judged_by_its_new_time_at_once(
     assert not isinstance(after_new_close, RecordAccepted), "made after the moved closedAt"
     assert isinstance(after_new_close, RequestError)
     assert after_new_close.code == "SESSION_CLOSED"
+
+
+async def test_ending_a_session_now_by_hand_works_for_one_just_opened(
+    store: PostgresStore, database: str
+) -> None:
+    """ "End it now" in SQL (expires_at a minute ago) on a session opened seconds ago puts
+    expires_at before opened_at: the edit is taken (not refused by max_duration_hours > 0),
+    and the record path agrees the session is over."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    sid = await opened(service, who, tenant.open_payload(), now)
+    await _sql(
+        database,
+        "UPDATE production_sessions SET expires_at = now() - interval '1 minute' "
+        "WHERE session_id = $1",
+        sid,
+    )
+    service.session_changed(sid)
+    cmd = CreateRecord.model_validate(record(recordedAtUtc=_at(now)))
+    (refused,) = await service.create_records(
+        [RecordRequest(who, cmd, sid, now + timedelta(seconds=1))]
+    )
+    assert isinstance(refused, RequestError) and refused.code == "SESSION_EXPIRED", refused

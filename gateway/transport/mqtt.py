@@ -297,6 +297,7 @@ class MqttLink:
         self._pending: dict[int, asyncio.Future[None] | None] = {}
         self._inflight = 0
         self._send_quota = 65_535
+        self.keepalive_s = settings.mqtt_keepalive_s  # as the broker granted it (CONNACK)
         self._next_id = 0
         self._low_water: int | None = None
         self._capacity = asyncio.Event()
@@ -483,6 +484,12 @@ class MqttLink:
             raise ConnectionFailed(f"broker refused the connection (reason 0x{connack.reason:02x})")
         self.session_present = connack.session_present
         self._send_quota = connack.properties.get_int(mqtt5.P_RECEIVE_MAXIMUM, 65_535)
+        # MQTT 5 §3.2.2.3.14: a broker that caps keepalive (mosquitto's max_keepalive) says so
+        # here, and the client must use its value: pinging at our own, longer interval got us
+        # dropped for silence every 1.5 x its cap.
+        self.keepalive_s = (
+            connack.properties.get_int(mqtt5.P_SERVER_KEEPALIVE, 0) or s.mqtt_keepalive_s
+        )
         self._connected_at = time.monotonic()  # (the epoch moved on when the CONNACK was read)
         log.info(
             "mqtt connected to %s as %s (session present: %s)",
@@ -600,7 +607,7 @@ class MqttLink:
         log.info("mqtt disconnected from %s", self._settings.mqtt_display)
 
     async def _keepalive(self) -> None:
-        interval = self._settings.mqtt_keepalive_s
+        interval = self.keepalive_s
         while True:
             await asyncio.sleep(interval / 2)
             now = time.monotonic()

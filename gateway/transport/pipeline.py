@@ -37,6 +37,11 @@ from gateway.transport.mqtt import Inbound, MqttLink, PublishError
 
 log = logging.getLogger(__name__)
 
+# A batch is cut at this many payload bytes too: 500 requests of the hot path are ~125 KB, but
+# 500 offline syncs of a thousand records each would be one statement of 500,000 rows, past
+# the statement timeout (60 s), held as an outage and retried the same way for ever.
+BATCH_MAX_BYTES = 1 << 20
+
 RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
 PROBE_TIMEOUT_S = 5.0
@@ -183,9 +188,14 @@ class Pipeline:
                     await asyncio.sleep(self._batch_wait_s)
             if not queue:
                 continue
-            n = min(len(queue), self._batch_max)
-            batch = [queue.popleft() for _ in range(n)]
-            self._queued -= n
+            batch = [queue.popleft()]
+            size = len(batch[0].payload)
+            while queue and len(batch) < self._batch_max:
+                size += len(queue[0].payload)
+                if size > BATCH_MAX_BYTES:  # a burst of bulks: a few per batch, not 500
+                    break
+                batch.append(queue.popleft())
+            self._queued -= len(batch)
             shard.busy = True
             try:
                 replies = await self._apply(batch)

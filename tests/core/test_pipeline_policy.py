@@ -117,3 +117,46 @@ async def test_a_failure_while_the_database_answers_is_a_bug_answered_internal()
     assert link.acked == [1, 2, 3]
     assert metrics.value("gateway_batch_failures_total") == 1
     assert metrics.value("gateway_store_retries_total") == 0
+
+
+class Recorder(Dispatcher_):
+    """Answers each request "ok" and writes down how many came in each batch."""
+
+    def __init__(self) -> None:
+        super().__init__(0, RuntimeError())
+        self.sizes: list[int] = []
+
+    async def handle(self, batch: Sequence[Inbound]) -> list[Reply]:
+        self.sizes.append(len(batch))
+        return await super().handle(batch)
+
+
+async def test_a_burst_of_bulks_is_cut_into_batches_by_bytes() -> None:
+    """Batches are cut at BATCH_MAX_BYTES of payload as well as batch_max requests: twenty
+    300 KB offline syncs queued together go three to a batch (a single 500-request batch of
+    1,000-record bulks would be one statement past the statement timeout, retried for ever);
+    small requests still fill a batch; one request over the bound still goes, alone."""
+    link, recorder = Link(), Recorder()
+    pipeline = Pipeline(
+        cast(MqttLink, link),
+        cast(Dispatcher, recorder),
+        Metrics(),
+        Topics("hydrobit/v2"),
+        batch_max=500,
+        batch_wait_s=0,
+        depth=1,
+    )
+    sizes = [300_000] * 20 + [2_000_000] + [250] * 100
+    for mid, size in enumerate(sizes, 1):
+        msg = inbound(mid)
+        msg.payload = b"x" * size
+        pipeline.submit(msg)
+    running = asyncio.create_task(pipeline.run())
+    for _ in range(200):
+        if len(link.acked) == len(sizes):
+            break
+        await asyncio.sleep(0.02)
+    pipeline.stop()
+    await asyncio.wait_for(running, 5)
+    assert link.acked == list(range(1, len(sizes) + 1))
+    assert recorder.sizes == [3] * 6 + [2, 1, 100]

@@ -9,26 +9,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import asyncpg
-
 from gateway.core.models import CreateRecord, VoidRecord
 from gateway.core.rules import Limits
 from gateway.errors import RequestError
 from gateway.service import RecordAccepted, RecordRequest, Service
 from gateway.store.postgres import PostgresStore
+from tests.support.extra_helpers import execute
 from tests.support.tenants import make_tenant, opened, record
 
 
 def _at(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
-
-
-async def _sql(database: str, statement: str, *args: object) -> None:
-    conn = await asyncpg.connect(database)
-    try:
-        await conn.execute(statement, *args)
-    finally:
-        await conn.close()
 
 
 async def test_a_void_that_arrived_before_the_deadline_is_applied_after_the_sweep(
@@ -83,7 +74,7 @@ async def test_a_deadline_moved_by_hand_through_expires_at_alone_is_one_deadline
     sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
     deadline = opened_at.replace(microsecond=0) + timedelta(hours=12)
     # an operator gives the crew two more hours, by hand
-    await _sql(
+    await execute(
         database,
         "UPDATE production_sessions SET expires_at = expires_at + interval '2 hours' "
         "WHERE session_id = $1",
@@ -135,7 +126,7 @@ async def test_a_close_moved_by_hand_is_judged_by_its_new_time_at_once(
 
     (late,) = await service.create_records([create(now - timedelta(minutes=50))])
     assert isinstance(late, RecordAccepted), late  # inside the window: the facts now cached
-    await _sql(
+    await execute(
         database,
         "UPDATE production_sessions SET closed_at = closed_at - interval '1 hour' "
         "WHERE session_id = $1",
@@ -158,7 +149,7 @@ async def test_ending_a_session_now_by_hand_works_for_one_just_opened(
     who = tenant.principal()
     now = datetime.now(UTC)
     sid = await opened(service, who, tenant.open_payload(), now)
-    await _sql(
+    await execute(
         database,
         "UPDATE production_sessions SET expires_at = now() - interval '1 minute' "
         "WHERE session_id = $1",

@@ -12,6 +12,7 @@ import pytest
 from gateway.app import Gateway
 from tests.integration.test_events_state import Watcher
 from tests.support.devices import Device
+from tests.support.extra_helpers import execute
 from tests.support.servers import Servers
 from tests.support.tenants import Tenant, record
 
@@ -340,14 +341,6 @@ async def _session_row(database: str, session_id: str) -> asyncpg.Record:
     return row
 
 
-async def _sql(database: str, statement: str, *args: object) -> None:
-    conn = await asyncpg.connect(database)
-    try:
-        await conn.execute(statement, *args)
-    finally:
-        await conn.close()
-
-
 async def test_a_session_moved_back_in_sql_expires_at_its_new_deadline(
     device: Device, session_id: str, database: str
 ) -> None:
@@ -357,7 +350,7 @@ async def test_a_session_moved_back_in_sql_expires_at_its_new_deadline(
     announced once, and nothing is stored after it."""
     topic = f"sessions/{session_id}/records"
     assert (await device.request(topic, record()))["status"] == "success"  # facts now cached
-    await _sql(
+    await execute(
         database,
         "UPDATE production_sessions SET opened_at = opened_at - interval '13 hours' "
         "WHERE session_id = $1",
@@ -387,7 +380,7 @@ async def test_a_session_closed_in_sql_refuses_records_at_once(
     the next record is refused SESSION_CLOSED, not stored into the closed session."""
     topic = f"sessions/{session_id}/records"
     assert (await device.request(topic, record()))["status"] == "success"
-    await _sql(
+    await execute(
         database,
         "UPDATE production_sessions SET status = 'closed', close_reason = 'closed', "
         "closed_at = now() WHERE session_id = $1",

@@ -309,17 +309,24 @@ class Dispatcher:
         for r in reqs:
             if not r.open or r.who is None:
                 continue
+            decided = r.msg.admission
+            if decided is not None:  # a retried batch: decided the first time
+                if not isinstance(decided, bool):
+                    r.error = decided
+                continue
             cost = 1
             if r.route is not None and r.route.op is Op.BULK_RECORDS and r.data is not None:
                 items = r.data.get("records")
                 cost = max(1, len(items)) if isinstance(items, list) else 1
             wait = self._limiter.admit(r.who.sub, cost, now)
             if wait > 0:
-                r.error = RateLimited(
+                r.error = r.msg.admission = RateLimited(
                     f"too many requests for user {r.who.sub}: retry in {wait:.1f} s "
                     f"(GATEWAY_RATE_LIMIT_PER_S = {self._limiter.rate:g})",
                     {"retryAfterS": round(wait, 3)},
                 )
+            else:
+                r.msg.admission = True
 
     async def _resolve_principals(self, reqs: Sequence[_Request]) -> None:
         asking = [r for r in reqs if r.open and r.claims is not None]

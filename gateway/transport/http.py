@@ -420,7 +420,7 @@ class HttpSidecar:
             done, _ = await asyncio.wait({task}, timeout=ANSWER_DEADLINE_S)
             if done:
                 return task.result()
-            if call.read_at is None and request.body_exists:
+            if call.read_at is None and request.body_exists and request.method in BODY_METHODS:
                 continue  # the body is still arriving: that is the client's time
             waited = time.monotonic() - (call.read_at or started)
             if waited >= ANSWER_DEADLINE_S:
@@ -733,6 +733,9 @@ async def _retrying(request: web.Request, handler: Handler) -> web.StreamRespons
 
 MAX_HEADER_BYTES = 32_768
 ANSWER_DEADLINE_S = 10.0  # the database's time to answer a REST call, once its body is in
+# The methods whose handlers read a body: a GET or HEAD that sends one anyway is not waited for
+# (its handler never reads it, so the deadline never started: held for ever while PostgreSQL hung).
+BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -787,7 +790,7 @@ def starting_app(
             headers={"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)},
         )
 
-    app = web.Application(middlewares=[cors])
+    app = web.Application(middlewares=[_head_without_length, cors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from gateway.config import Settings
 from gateway.core import mqtt5
@@ -86,6 +86,9 @@ class Inbound:
     # (reply body, error) once applied, kept should the rest of its batch be retried
     settled: tuple[dict[str, Any] | None, RequestError | None] | None = field(default=None)
     retained: bool = field(default=False)  # published with the retain flag
+    # the rate limit's decision (True: admitted, else the refusal), kept should its batch be
+    # retried after a database outage: a retry is not a second request to charge
+    admission: RequestError | Literal[True] | None = field(default=None)
 
 
 class PublishError(Exception):

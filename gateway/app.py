@@ -316,6 +316,7 @@ class Gateway:
         self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
         service.on_expired_seen = self.sweeper.nudge
         self.publisher = Publisher(store, link, self.topics, s, self.metrics)
+        link.on_connected = self.publisher.broker_connected
         tasks = {
             "link": asyncio.create_task(link.run(), name="mqtt-link"),
             "pipeline": asyncio.create_task(pipeline.run(), name="pipeline"),

@@ -95,6 +95,13 @@ class Publisher:
         self.leading = False
         self._polled_pending = 0  # events the last poll of the outbox found (at most its limit)
 
+    def broker_connected(self, session_present: bool) -> None:
+        """The link is (re)connected. A broker that kept no session for us most likely kept no
+        retained messages either (restarted without persistence, or a new broker): every open
+        session's state is published again, as a new leader does, not only those that change."""
+        if not session_present:
+            self._published_ticks.clear()
+
     @property
     def outbox_pending(self) -> int:
         """For gateway_outbox_pending: session events waiting, as of the last poll of the

@@ -369,3 +369,10 @@ async def test_a_session_whose_amount_overflows_holds_back_no_other(
                 )
     finally:
         await conn.close()
+
+
+async def test_the_publisher_hears_of_every_broker_connection(gateway: Gateway) -> None:
+    """The link tells the publisher when it connects, and whether the broker kept our session
+    (tests/core/test_publisher_states.py: without it, every state is published again)."""
+    assert gateway.link is not None and gateway.publisher is not None
+    assert gateway.link.on_connected == gateway.publisher.broker_connected

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from gateway.core.models import CreateRecord, VoidRecord
-from gateway.core.rules import Limits
+from gateway.core.rules import Limits, Principal
 from gateway.errors import RequestError
 from gateway.service import RecordAccepted, RecordRequest, Service
 from gateway.store.postgres import PostgresStore
@@ -22,21 +22,28 @@ def _at(when: datetime) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
 
+async def _opened_11_hours_ago(
+    store: PostgresStore,
+) -> tuple[Service, Principal, str, datetime, datetime]:
+    """(service, owner, session id, now, deadline) of a session opened 11 h ago for the
+    project's 12 h: the deadline lies 1 h ahead of the real clock, so no real sweeper touches
+    it; a test's own sweep or request is told a later "now"."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    opened_at = now - timedelta(hours=11)
+    sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
+    return service, who, sid, now, opened_at.replace(microsecond=0) + timedelta(hours=12)
+
+
 async def test_a_void_that_arrived_before_the_deadline_is_applied_after_the_sweep(
     store: PostgresStore,
 ) -> None:
     """SPEC §5: expiry is judged on arrival time. A record that arrived before the deadline is
     stored even when applied after the sweep (test_late_sync), and so is a void: it was refused
     SESSION_EXPIRED, and since a void needs an open session the mistaken record stayed paid."""
-    tenant = await make_tenant(store)
-    service = Service(store, Limits())
-    who = tenant.principal()
-    now = datetime.now(UTC)
-    # opened 11 h ago, 12 h project default: the deadline lies 1 h ahead of the real clock, so
-    # no real sweeper touches it; the test's own sweep is told a later "now"
-    opened_at = now - timedelta(hours=11)
-    sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
-    deadline = opened_at.replace(microsecond=0) + timedelta(hours=12)
+    service, who, sid, now, deadline = await _opened_11_hours_ago(store)
     cmd = CreateRecord.model_validate(record(units=6, recordedAtUtc=_at(now)))
     (created,) = await service.create_records([RecordRequest(who, cmd, sid, now)])
     assert isinstance(created, RecordAccepted), created
@@ -66,13 +73,7 @@ async def test_a_deadline_moved_by_hand_through_expires_at_alone_is_one_deadline
     max_duration_hours``: records were refused SESSION_EXPIRED before the new deadline, the
     session was closed with a ``closedAt`` in the future (``closed_at = expires_at``), and from
     then on records were accepted into the closed session."""
-    tenant = await make_tenant(store)
-    service = Service(store, Limits())
-    who = tenant.principal()
-    now = datetime.now(UTC)
-    opened_at = now - timedelta(hours=11)
-    sid = await opened(service, who, tenant.open_payload(openedAt=_at(opened_at)), now)
-    deadline = opened_at.replace(microsecond=0) + timedelta(hours=12)
+    service, who, sid, _, deadline = await _opened_11_hours_ago(store)
     # an operator gives the crew two more hours, by hand
     await execute(
         database,

@@ -241,7 +241,7 @@ async def _insert_events(conn: asyncpg.Connection, events: Sequence[SessionEvent
     await conn.execute(
         """INSERT INTO session_events (event_id, session_id, type, at, data)
            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
-                                $5::jsonb[])""",
+                                $5::json[])""",
         [e.event_id for e in events],
         [e.session_id for e in events],
         [e.type for e in events],
@@ -280,12 +280,14 @@ def _record(row: asyncpg.Record) -> Record:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec(
-        "jsonb",
-        encoder=lambda v: orjson.dumps(v).decode(),
-        decoder=orjson.loads,
-        schema="pg_catalog",
-    )
+    # json (the outbox's event data: keys stay in the order written) and jsonb alike
+    for kind in ("json", "jsonb"):
+        await conn.set_type_codec(
+            kind,
+            encoder=lambda v: orjson.dumps(v).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
 
 
 class PostgresStore:
@@ -624,7 +626,7 @@ class PostgresStore:
                     SET status = 'closed', close_reason = 'expired', closed_at = s.expires_at,
                         version = s.version + 1, updated_at = now(),
                         state_tick = nextval('session_state_tick'),
-        state_xid = pg_current_xact_id()::text::bigint
+                        state_xid = pg_current_xact_id()::text::bigint
                     FROM due
                     WHERE s.session_id = due.session_id
                       AND s.status = 'open' AND s.expires_at <= $1

@@ -107,6 +107,10 @@ async def test_lifecycle_events_are_published_once_each(
     previous = mine[2]["data"]["previousMaxDurationHours"]
     assert orjson.dumps(previous) == orjson.dumps(opened["data"]["maxDurationHours"])
     assert events[0]["data"]["status"] == "closed"
+    # the event carries the session object as a get answers it, keys in the same order
+    got = await device.request(f"sessions/{sid}/get", {})
+    assert list(events[0]["data"]) == list(got["data"]), events[0]["data"]
+    assert list(mine[0]["data"]) == [k for k in opened["data"] if k != "idempotent"]
     assert all(
         str(m.topic) == f"{PREFIX}/sessions/{sid}/events"
         for m in ops.messages

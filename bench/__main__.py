@@ -570,19 +570,39 @@ def host_speed_ms(rounds: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--records", type=int, default=60_000)
+    p.add_argument(
+        "--records", type=int, default=60_000, help="records per responder run (default 60,000)"
+    )
     p.add_argument("--rate", type=float, default=0.0, help="offered records/s; 0 = saturate")
-    p.add_argument("--devices", type=int, default=16)
+    p.add_argument("--devices", type=int, default=16, help="simulated devices, one session each")
     p.add_argument("--window", type=int, default=100, help="unanswered requests per device")
-    p.add_argument("--fleet-processes", type=int, default=1)
-    p.add_argument("--naive-records", type=int, default=2_000)
+    p.add_argument(
+        "--fleet-processes", type=int, default=1, help="load generator processes (devices split)"
+    )
+    p.add_argument(
+        "--naive-records",
+        type=int,
+        default=2_000,
+        help="records for the naive baseline (slow: ~650/s)",
+    )
     p.add_argument("--tcp", action="store_true", help="devices on plain MQTT/TCP, not WebSocket")
-    p.add_argument("--only", default="gateway,echo,naive")
+    p.add_argument(
+        "--only",
+        default="gateway,echo,naive",
+        help="responders to run, comma-separated: gateway, echo, naive, fastecho",
+    )
     p.add_argument("--soak", type=float, default=0.0, help="seconds: a long gateway-only run")
     p.add_argument("--smoke", action="store_true", help="tiny run to check the bench works")
     p.add_argument("--profile", action="store_true", help="py-spy the responder (8 s)")
-    p.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--rss-every", type=float, default=1.0)
+    p.add_argument(
+        "--fsync",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="PostgreSQL fsync, as in production (default on)",
+    )
+    p.add_argument(
+        "--rss-every", type=float, default=1.0, help="seconds between RSS samples of the responder"
+    )
     p.add_argument(
         "--history",
         type=int,

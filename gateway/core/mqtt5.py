@@ -220,6 +220,7 @@ class Will:
     payload: bytes
     qos: int = 1
     retain: bool = True
+    json: bool = True  # Payload Format Indicator and Content Type, as every other publish of ours
 
 
 def encode_connect(
@@ -245,7 +246,7 @@ def encode_connect(
     )
     body = utf8("MQTT") + bytes((5, flags)) + _pack_h(keepalive) + props + utf8(client_id)
     if will is not None:
-        body += varint(0) + utf8(will.topic) + binary(will.payload)
+        body += (_JSON_ONLY if will.json else varint(0)) + utf8(will.topic) + binary(will.payload)
     if username is not None:
         body += utf8(username)
     if password is not None:

@@ -6,6 +6,7 @@ import secrets
 from pathlib import Path
 
 import asyncpg
+import orjson
 
 from gateway.publisher import LEADER_LOCK_KEY
 from gateway.store.postgres import PostgresStore
@@ -95,3 +96,8 @@ async def test_sigkilled_gateway_leaves_offline_status_by_its_will(
     finally:
         proc.close()
     assert offline[-1]["instance"].startswith("gw-will-")
+    # the will says what it is, as the online status and every other publish do
+    will = [m for m in ops.messages if orjson.loads(m.payload)["status"] == "offline"][-1]
+    assert will.properties is not None
+    assert getattr(will.properties, "ContentType", None) == "application/json"
+    assert getattr(will.properties, "PayloadFormatIndicator", None) == 1

@@ -176,6 +176,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from gateway.devmode import dev_token
+
     settings = load_settings()
     if not settings.jwt_secret:
         raise ConfigError("gateway token signs with GATEWAY_JWT_SECRET (HS256): set it first")
@@ -183,21 +185,6 @@ def cmd_token(args: argparse.Namespace) -> int:
         raise ConfigError("--sub names the user (auth0Id) the token is for: it cannot be empty")
     print(dev_token(settings, args.sub, args.ttl))
     return 0
-
-
-def dev_token(settings: Settings, sub: str, ttl_s: int) -> str:
-    """An HS256 token for ``sub`` that this configuration's gateway accepts (its audience and
-    issuer included, when set)."""
-    from gateway.core.auth import mint_token
-
-    assert settings.jwt_secret
-    return mint_token(
-        settings.jwt_secret,
-        sub,
-        ttl_s=ttl_s,
-        audience=settings.jwt_audience,
-        issuer=settings.jwt_issuer,
-    )
 
 
 def parse_since(text: str) -> datetime:
@@ -362,6 +349,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if token is None:
         if not (args.sub and settings.jwt_secret):
             raise ConfigError("give --token, or --sub with GATEWAY_JWT_SECRET set to mint one")
+        from gateway.devmode import dev_token
+
         token = dev_token(settings, args.sub, 3600)
     host, port, path, tls = parse_ws_url(args.url)
     if not (args.session or (args.project and args.sector)):

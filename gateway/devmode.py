@@ -88,10 +88,24 @@ def write_demo_seed(folder: Path) -> Path:
     return path
 
 
+def dev_token(settings: Settings, sub: str, ttl_s: int) -> str:
+    """An HS256 token for ``sub`` that this configuration's gateway accepts (its audience and
+    issuer included, when set): what `gateway dev`, `gateway token` and `gateway simulate
+    --sub` print or use."""
+    assert settings.jwt_secret
+    return mint_token(
+        settings.jwt_secret,
+        sub,
+        ttl_s=ttl_s,
+        audience=settings.jwt_audience,
+        issuer=settings.jwt_issuer,
+    )
+
+
 def _instructions(
     settings: Settings, mqtt_port: int, ws_port: int, session_id: str, seed_file: Path
 ) -> str:
-    token = mint_token(settings.jwt_secret or "", DEMO_USER, ttl_s=24 * 3600)
+    token = dev_token(settings, DEMO_USER, 24 * 3600)
     p = settings.topic_prefix
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     auth = f"Bearer {token}"
@@ -111,6 +125,9 @@ def _instructions(
             ("GATEWAY_DATABASE_URL", settings.database_url),
             ("GATEWAY_MQTT_URL", f"mqtt://127.0.0.1:{mqtt_port}"),
             ("GATEWAY_JWT_SECRET", settings.jwt_secret or ""),
+            # checked when set: `gateway token` in that shell must mint what this stack accepts
+            *((("GATEWAY_JWT_AUDIENCE", settings.jwt_audience),) if settings.jwt_audience else ()),
+            *((("GATEWAY_JWT_ISSUER", settings.jwt_issuer),) if settings.jwt_issuer else ()),
             # as $TOKEN, $SESSION, $MQTT_PORT, $WS_URL and $HTTP_URL in the README's examples
             ("TOKEN", token),
             ("SESSION", session_id),

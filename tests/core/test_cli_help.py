@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -104,12 +105,40 @@ def test_dev_tokens_carry_the_configured_audience_and_issuer(
 ) -> None:
     """`gateway token` and `gateway simulate --sub` mint one way: a token the configured
     gateway accepts (simulate's left out audience and issuer: every request UNAUTHORIZED)."""
-    from gateway.cli import dev_token
     from gateway.config import load_settings
     from gateway.core.auth import KeyRing, TokenVerifier
+    from gateway.devmode import dev_token
 
     secret = "s" * 32
     settings = load_settings(jwt_secret=secret, jwt_audience=audience, jwt_issuer=issuer)
     token = dev_token(settings, "user_1", 60)
     verifier = TokenVerifier(KeyRing(secret=secret), audience=audience, issuer=issuer)
     assert verifier.verify(f"Bearer {token}").sub == "user_1"
+
+
+def test_dev_instructions_print_a_token_the_dev_gateway_accepts(tmp_path: Path) -> None:
+    """`gateway dev` with GATEWAY_JWT_AUDIENCE / GATEWAY_JWT_ISSUER set printed a token without
+    them (its own stack answered UNAUTHORIZED), and an export line that left them out (so the
+    printed `gateway token` line, in a new shell, minted the same unusable tokens)."""
+    import re
+    import shlex
+
+    from gateway.config import load_settings
+    from gateway.core.auth import KeyRing, TokenVerifier
+    from gateway.devmode import _instructions
+
+    secret = "s" * 32
+    settings = load_settings(
+        jwt_secret=secret, jwt_audience="hydrobit-api", jwt_issuer="https://auth.example/"
+    )
+    text = _instructions(settings, 1883, 9001, "s" * 24, tmp_path / "tenants.yaml")
+    token = re.search(r"^Token \(24 h\): (\S+)$", text, re.M)
+    assert token is not None, text
+    verifier = TokenVerifier(
+        KeyRing(secret=secret), audience="hydrobit-api", issuer="https://auth.example/"
+    )
+    assert verifier.verify(f"Bearer {token[1]}").sub == "user_123456789"
+    export = next(line for line in text.splitlines() if line.strip().startswith("export "))
+    env = dict(word.split("=", 1) for word in shlex.split(export.strip())[1:])
+    assert env["GATEWAY_JWT_AUDIENCE"] == "hydrobit-api"
+    assert env["GATEWAY_JWT_ISSUER"] == "https://auth.example/"

@@ -181,22 +181,37 @@ class Gateway:
                 "GATEWAY_MQTT_CLIENT_ID)",
                 self.link.client_id,
             )
+            self.link.end_session_on_stop = True  # the one this connection made: leave none
             self.stop()
             return False
-        await self.link.wait_unsubscribed()
-        log.info("retiring %s: unsubscribed; answering what was queued for it", self.link.client_id)
         pipeline, link = self.pipeline, self.link
-        while not self._stopping.is_set():
-            await asyncio.sleep(0.1)
-            idle = time.monotonic() - pipeline.last_arrival
-            quiet = pipeline.backlog == 0 and pipeline.unacked == 0 and idle >= quiet_s
-            # the session is ended by a DISCONNECT on a connection that has held a while (one
-            # that keeps dropping may be fighting a live replica for the client id)
-            if quiet and link.connected_for >= quiet_s:
-                break
-        log.info(
-            "retiring %s: nothing more queued; ending its session", self.settings.mqtt_client_id
-        )
+        unsubscribed = asyncio.ensure_future(link.wait_unsubscribed())
+        stopped = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([unsubscribed, stopped], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if unsubscribed.done():
+            unsubscribed.result()
+            log.info("retiring %s: unsubscribed; answering what was queued", link.client_id)
+            while not self._stopping.is_set():
+                await asyncio.sleep(0.1)
+                idle = time.monotonic() - pipeline.last_arrival
+                quiet = pipeline.backlog == 0 and pipeline.unacked == 0 and idle >= quiet_s
+                # the session is ended by a DISCONNECT on a connection that has held a while
+                # (one that keeps dropping may be fighting a live replica for the client id)
+                if quiet and link.connected_for >= quiet_s:
+                    break
+        else:
+            unsubscribed.cancel()
+        if self._stopping.is_set():  # a signal, or a request of another prefix: not done
+            log.warning(
+                "retiring %s stopped before its queue was answered; its session is kept",
+                link.client_id,
+            )
+            return False
+        log.info("retiring %s: nothing more queued; ending its session", link.client_id)
+        link.end_session_on_stop = True
         self.stop()
         return True
 
@@ -275,7 +290,10 @@ class Gateway:
             online_payload=lambda: self._status("online"),
             offline_payload=lambda: self._status("offline"),
         )
-        link.end_session_on_stop = self.retiring
+        link.retiring = self.retiring  # (the session is ended by retire(), once done)
+        if self.retiring:  # a request of another prefix: stop, keep it (and the session) queued
+            link.subscribed = self.topics.subscribed
+            link.on_foreign = lambda _topic: self.stop()
         pipeline = Pipeline(
             link,
             dispatcher,

@@ -95,7 +95,22 @@ async def _retire(settings: Settings, quiet_s: float) -> str | None:
             await retiring
     client_id = settings.mqtt_client_id
     link = gateway.link
-    if not retiring.done() or retiring.cancelled() or not retiring.result():
+    if link is not None and link.foreign_topic is not None:
+        return (
+            f"not retired: a request queued for {client_id} came on {link.foreign_topic}, "
+            f"which is not a request topic under GATEWAY_TOPIC_PREFIX={settings.topic_prefix}. "
+            "Nothing from there on was answered, and the session (with what is queued in it) "
+            "was kept: run gateway retire again with the removed replica's own "
+            "GATEWAY_TOPIC_PREFIX and GATEWAY_SHARE_GROUP"
+        )
+    done = retiring.done() and not retiring.cancelled() and retiring.result()
+    if not done and link is not None and link.session_present:
+        return (
+            f"not retired: stopped before the requests queued for {client_id} were all "
+            "answered; its session (with what is still queued) was kept: run gateway retire "
+            "again"
+        )
+    if not done:
         return (
             f"nothing retired: the broker had no session for {client_id} (check "
             "GATEWAY_MQTT_CLIENT_ID: it must be the removed replica's)"
@@ -452,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "queued for it, then end its session (else it keeps a share of requests)",
         "It needs GATEWAY_MQTT_CLIENT_ID set to the removed replica's, and the rest of that "
         "replica's configuration (GATEWAY_DATABASE_URL, GATEWAY_MQTT_URL and its login, "
-        "GATEWAY_SHARE_GROUP, GATEWAY_JWT_SECRET or GATEWAY_JWT_JWKS), as for gateway run.",
+        "GATEWAY_TOPIC_PREFIX, GATEWAY_SHARE_GROUP, GATEWAY_JWT_SECRET or GATEWAY_JWT_JWKS), "
+        "as for gateway run. A queued request outside GATEWAY_TOPIC_PREFIX stops it, "
+        "unanswered, with the session kept (exit 1), as does Ctrl-C before it is done.",
     )
     p.add_argument(
         "--quiet",

@@ -116,6 +116,26 @@ class Topics:
                 return Route(_RECORD_ACTIONS[rest[2]], record_id=rest[1])
         return None
 
+    def subscribed(self, topic: str) -> bool:
+        """Does ``topic`` match one of the request filters of ``subscriptions`` (``+`` takes
+        any one level, an empty or invalid id too)? A message on any other topic came through
+        a subscription of another configuration (a retired replica's old prefix)."""
+        levels = topic.split("/")
+        n = self._n
+        if len(levels) < n + 2 or tuple(levels[:n]) != self._parts:
+            return False
+        rest = levels[n:]
+        if len(rest) == 2:
+            return (rest[0], rest[1]) in {
+                ("sessions", "open"),
+                ("records", "bulk"),
+                ("records", "check-idempotency"),
+            }
+        if len(rest) == 3:
+            actions = {"sessions": _SESSION_ACTIONS, "records": _RECORD_ACTIONS}.get(rest[0])
+            return actions is not None and rest[2] in actions
+        return False
+
     def subscriptions(self, group: str) -> list[str]:
         """Shared subscription filters: exactly the request topics, nothing the gateway writes."""
         p = self.prefix

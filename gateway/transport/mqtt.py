@@ -288,10 +288,19 @@ class MqttLink:
         self._connack: asyncio.Future[Connack] | None = None
         self._suback: asyncio.Future[Ack] | None = None
         self._unsuback: asyncio.Future[Ack] | None = None
-        # retiring: unsubscribe instead of subscribing, and end the broker session with the
-        # connection (Session Expiry 0 on DISCONNECT)
+        # retiring: unsubscribe instead of subscribing; and once what was queued is answered,
+        # end the broker session with the connection (Session Expiry 0 on DISCONNECT). A stop
+        # before then (a signal, a request of another prefix) keeps the session.
+        self.retiring = False
         self.end_session_on_stop = False
         self.session_ended = False  # the DISCONNECT that ends the session went out
+        # retiring: which topics this configuration subscribes to. A queued request on any
+        # other came through another configuration's subscription (the replica's own prefix):
+        # it and all after it are left to the broker, unacknowledged, the session is kept,
+        # and on_foreign says so.
+        self.subscribed: Callable[[str], bool] | None = None
+        self.on_foreign: Callable[[str], None] = lambda _topic: None
+        self.foreign_topic: str | None = None
         # outgoing: packets in wire order; a QoS 1 publish waits for send quota, and
         # everything queued behind it waits too (so a PUBACK never overtakes its reply)
         self._out: deque[tuple[bytes, int]] = deque()
@@ -504,7 +513,7 @@ class MqttLink:
         # queued requests first, and the SUBACK arrives behind them (we may even have paused
         # reading). The SUBACK is checked when it comes.
         self._suback = loop.create_future()
-        if self.end_session_on_stop:
+        if self.retiring:
             # retiring: no new requests; those already queued for this session still arrive
             self._unsuback = loop.create_future()
             self._write(mqtt5.encode_unsubscribe(self._packet_id(), self._subscriptions))
@@ -518,7 +527,7 @@ class MqttLink:
             self.on_connected(self.session_present)
         keepalive = asyncio.create_task(self._keepalive(), name="mqtt-keepalive")
         suback = asyncio.create_task(
-            asyncio.sleep(0) if self.end_session_on_stop else self._check_suback(self._suback),
+            asyncio.sleep(0) if self.retiring else self._check_suback(self._suback),
             name="mqtt-suback",
         )
         stop = asyncio.ensure_future(self._stopping.wait())
@@ -588,7 +597,8 @@ class MqttLink:
             if waits:
                 await asyncio.wait(waits, timeout=2.0)
         wire = self._wire
-        if self.end_session_on_stop:
+        ending = self.end_session_on_stop and self.foreign_topic is None  # (never both)
+        if ending:
             self._write(mqtt5.encode_disconnect(session_expiry=0))
         else:
             self._write(mqtt5.encode_disconnect())
@@ -598,7 +608,7 @@ class MqttLink:
             wire.close()
             if isinstance(wire, _WsWire):  # its writer sends the DISCONNECT after this
                 sent = await wire.finish()
-        if self.end_session_on_stop:
+        if ending:
             self.session_ended = sent
             if sent:
                 log.info("mqtt session %s ended", self._settings.mqtt_client_id)
@@ -682,6 +692,18 @@ class MqttLink:
                 pass
 
     def _publish_received(self, pkt: Publish, now: datetime) -> None:
+        if self.foreign_topic is not None:
+            return  # halted: the broker keeps it (unacknowledged) for a retire set up right
+        if self.subscribed is not None and not self.subscribed(pkt.topic):
+            self.foreign_topic = pkt.topic
+            log.error(
+                "a request queued for %s came on %s, which none of this configuration's "
+                "subscriptions match: not answering it or anything after it",
+                self._settings.mqtt_client_id,
+                pkt.topic,
+            )
+            self.on_foreign(pkt.topic)
+            return
         self.on_message(
             Inbound(
                 pkt.topic,

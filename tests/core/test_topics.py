@@ -253,3 +253,31 @@ def test_no_reply_goes_to_a_topic_the_broker_disconnects_for(bad: str) -> None:
 @pytest.mark.parametrize("fine", ["é", "日本", "\U0001f600", "a b", "~", "\u00a0"], ids=repr)
 def test_replies_may_go_to_any_other_unicode_topic(fine: str) -> None:
     assert Topics(P).reply_allowed(f"{P}/clients/dev-1/{fine}")
+
+
+SUBSCRIBED_CASES = [
+    *(f"{P}/{suffix}" for suffix, _ in REQUESTS),
+    f"{P}/sessions//records",  # '+' takes an empty level: delivered, then refused as no id
+    f"{P}/records/{'x' * 300}/get",
+    *GATEWAY_OWNED,
+    *(f"{P}/{suffix}/reply" for suffix, _ in REQUESTS),
+    f"other/v2/sessions/{SID}/records",
+    f"{P}/v2/sessions/{SID}/records",
+    "hydrobit/sessions/open",
+    f"{P}/sessions/open/x",
+    f"{P}/records",
+    f"{P}",
+    "",
+]
+
+
+@pytest.mark.parametrize("prefix", [P, "acme", "acme/prod/hb/v9"])
+@pytest.mark.parametrize("topic", SUBSCRIBED_CASES)
+def test_subscribed_agrees_with_mqtt_filter_matching(prefix: str, topic: str) -> None:
+    """subscribed(topic) is True exactly when one of subscriptions()' filters matches it
+    (judged by aiomqtt's own matcher): what a retiring replica uses to tell its own requests
+    from those of a replica configured otherwise."""
+    topic = topic.replace(P, prefix, 1) if topic.startswith(P) else topic
+    topics = Topics(prefix)
+    expected = bool(_matching(topic, topics.subscriptions(GROUP))) if topic else False
+    assert topics.subscribed(topic) is expected

@@ -121,3 +121,71 @@ async def test_retire_of_a_client_id_the_broker_does_not_know_says_so(
     assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is False
     await asyncio.wait_for(run, 60)
     assert not await session_present(servers, settings.mqtt_client_id)
+
+
+async def test_retire_with_another_topic_prefix_answers_nothing_and_keeps_the_session(
+    servers: Servers, database: str, store: PostgresStore
+) -> None:
+    """Retired without the replica's own GATEWAY_TOPIC_PREFIX, retire answered every queued
+    request VALIDATION_ERROR ("not a request topic": a code that tells the device not to send
+    again), ended the session and reported success. Now it stops at the first request outside
+    its own subscriptions, unanswered and unacknowledged, and keeps the session; retired again
+    with the right prefix, the queued requests are applied."""
+    tenant = await make_tenant(store)
+    prefix = f"hb-retire-{secrets.token_hex(3)}/v2"
+    group = f"g-{secrets.token_hex(3)}"  # no other replica shares these requests
+    gone = gateway_settings(servers, database, topic_prefix=prefix, share_group=group)
+    async with Device(servers.mqtt_host, servers.ws_port, prefix, token=tenant.token()) as device:
+        async with running_gateway(gone):
+            opened = await device.request("sessions/open", tenant.open_payload())
+            assert opened["status"] == "success", opened
+        sid = opened["data"]["sessionId"]
+        queued = [
+            asyncio.create_task(device.request(f"sessions/{sid}/records", record(), timeout=60))
+            for _ in range(5)
+        ]
+        await asyncio.sleep(0.5)
+        assert not any(t.done() for t in queued)
+
+        wrong = gone.model_copy(update={"topic_prefix": "hydrobit/v2"})
+        retiring = Gateway(wrong, retiring=True)
+        run = asyncio.create_task(retiring.run())
+        assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is False
+        await asyncio.wait_for(run, 60)
+        assert retiring.link is not None
+        assert retiring.link.foreign_topic == f"{prefix}/sessions/{sid}/records"
+        assert not any(t.done() for t in queued), [t.result() for t in queued if t.done()]
+        assert await session_present(servers, gone.mqtt_client_id)
+
+        retiring = Gateway(gone, retiring=True)
+        run = asyncio.create_task(retiring.run())
+        assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is True
+        await asyncio.wait_for(run, 60)
+        replies = await asyncio.gather(*queued)
+    assert all(r["status"] == "success" for r in replies), replies
+    assert not await session_present(servers, gone.mqtt_client_id)
+
+
+async def test_retire_stopped_before_it_is_done_keeps_the_session(
+    servers: Servers, database: str
+) -> None:
+    """A retire interrupted (Ctrl-C) before its queue was answered and quiet ended the broker
+    session anyway, dropping whatever was still queued in it unanswered. It keeps it now."""
+    settings = gateway_settings(servers, database, share_group=f"g-{secrets.token_hex(3)}")
+    async with running_gateway(settings):
+        pass  # subscribed once, then stopped: a session to retire
+    retiring = Gateway(settings, retiring=True)
+    run = asyncio.create_task(retiring.run())
+    outcome = asyncio.create_task(retiring.retire(quiet_s=30))
+    await asyncio.wait_for(retiring.started.wait(), 30)
+    await asyncio.sleep(1.0)
+    retiring.stop()
+    assert await asyncio.wait_for(outcome, 30) is False
+    await asyncio.wait_for(run, 30)
+    assert await session_present(servers, settings.mqtt_client_id)
+
+    retiring = Gateway(settings, retiring=True)  # run again: done, and the session is gone
+    run = asyncio.create_task(retiring.run())
+    assert await asyncio.wait_for(retiring.retire(quiet_s=0.5), 60) is True
+    await asyncio.wait_for(run, 60)
+    assert not await session_present(servers, settings.mqtt_client_id)

@@ -167,10 +167,11 @@ async def test_ws_link_sends_its_disconnect_before_closing_on_a_clean_stop(
     broker = FakeWsBroker()
     async with fake_ws_broker(broker) as port:
         link = ws_link(port)
-        link.end_session_on_stop = retiring
+        link.retiring = retiring
         async with running_link(link):
             if retiring:
                 await asyncio.wait_for(link.wait_unsubscribed(), 10)
+                link.end_session_on_stop = True  # as Gateway.retire does once all is answered
             else:
                 await asyncio.sleep(0.3)  # SUBACK and the status PUBACK come back
         await asyncio.wait_for(broker.closed.wait(), 10)

@@ -269,7 +269,11 @@ class Gateway:
         if store is None:
             return
         self.store = store
-        service = self.service = Service(store, self.limits)
+        service = self.service = Service(
+            store,
+            self.limits,
+            on_expired=lambda n: self.metrics.inc("gateway_sessions_expired_total", n),
+        )
         dead_letters = DeadLetterWriter(store, self.metrics, payload_cap=s.dead_letter_payload_cap)
         limiter = RateLimiter(s.rate_limit_per_s, s.rate_limit_burst)
         dispatcher = Dispatcher(
@@ -331,7 +335,7 @@ class Gateway:
             raise
         if self.http_port is not None:
             log.info("http sidecar on %s:%d", s.http_host, self.http_port)
-        self.sweeper = Sweeper(service, s.sweep_interval_s, self.metrics)
+        self.sweeper = Sweeper(service, s.sweep_interval_s)
         service.on_expired_seen = self.sweeper.nudge
         self.publisher = Publisher(store, link, self.topics, s, self.metrics)
         link.on_connected = self.publisher.broker_connected

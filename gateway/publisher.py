@@ -44,10 +44,9 @@ async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:
 class Sweeper:
     """Closes expired sessions now and then, or at once when nudged."""
 
-    def __init__(self, service: Service, interval_s: float, metrics: Metrics) -> None:
+    def __init__(self, service: Service, interval_s: float) -> None:
         self._service = service
         self._interval_s = interval_s
-        self._metrics = metrics
         self._nudged = asyncio.Event()
 
     def nudge(self) -> None:
@@ -62,9 +61,8 @@ class Sweeper:
             except Exception:
                 log.exception("sweeper failed; retrying")
             else:
-                if closed:
+                if closed:  # (gateway_sessions_expired_total counts them, in the service)
                     log.info("closed %d expired session(s)", len(closed))
-                    self._metrics.inc("gateway_sessions_expired_total", len(closed))
             self._nudged.clear()
             nudged = asyncio.ensure_future(self._nudged.wait())
             stopped = asyncio.ensure_future(stopping.wait())

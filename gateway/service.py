@@ -239,7 +239,13 @@ def utcnow() -> datetime:
 class Service:
     """Production sessions and records, over a PostgreSQL store."""
 
-    def __init__(self, store: PostgresStore, limits: Limits) -> None:
+    def __init__(
+        self,
+        store: PostgresStore,
+        limits: Limits,
+        *,
+        on_expired: Callable[[int], None] = lambda _n: None,
+    ) -> None:
         self.store = store
         self.limits = limits
         # Caches that stay correct: entries are dropped on PostgreSQL notifications (the app
@@ -250,6 +256,8 @@ class Service:
         self._notified = 0  # notifications so far: what was read across one is not cached
         # called when a request finds an open session past its deadline (wakes the sweeper)
         self.on_expired_seen: Callable[[], None] = lambda: None
+        # n sessions this process closed as expired (committed), whichever request found them
+        self.on_expired = on_expired
 
     # who is asking --------------------------------------------------------------------------
 
@@ -344,6 +352,8 @@ class Service:
         )
         for gone in expired:
             self.session_changed(gone.session_id)
+        if expired:
+            self.on_expired(len(expired))
         if session is None:
             raise SessionExpired(
                 f"a session opened at {rules.iso(opened_at)} for {hours:g} h "
@@ -382,7 +392,8 @@ class Service:
                     return tx.session  # closed or extended meanwhile
                 expired = await tx.expire()
                 await tx.emit(expiry_events([expired], arrival))
-                return expired
+            self.on_expired(1)  # committed
+            return expired
         finally:
             self.session_changed(session_id)
 
@@ -479,9 +490,12 @@ class Service:
                 refusal = rules.refusal_for_closed(facts, arrival)
                 if refusal is None:
                     return await apply(tx)
-                if facts.expired_at(arrival):
+                expiring = facts.expired_at(arrival)
+                if expiring:
                     expired = await tx.expire()
                     await tx.emit(expiry_events([expired], arrival))
+            if expiring:
+                self.on_expired(1)  # committed
         finally:
             self.session_changed(session_id)  # this process knows first; others get a NOTIFY
         raise refusal
@@ -491,6 +505,8 @@ class Service:
         closed = await self.store.expire_due(now, lambda s: expiry_events(s, now))
         for s in closed:
             self.session_changed(s.session_id)
+        if closed:
+            self.on_expired(len(closed))
         return [s.session_id for s in closed]
 
     # records --------------------------------------------------------------------------------
@@ -694,9 +710,12 @@ class Service:
                     ]
                 )
                 return data
-            if facts.expired_at(arrival):
+            expiring = facts.expired_at(arrival)
+            if expiring:
                 expired = await tx.session_tx.expire()
                 await tx.session_tx.emit(expiry_events([expired], arrival))
+        if expiring:
+            self.on_expired(1)  # committed
         raise refusal
 
     async def bulk_records(self, who: Principal, data: object, arrival: datetime) -> Bulk:

@@ -7,9 +7,10 @@ chosen by the test: no wall-clock assertion, no sleep.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
-from gateway.core.models import CreateRecord, VoidRecord
+from gateway.core.models import CreateRecord, OpenSession, VoidRecord
 from gateway.core.rules import Limits, Principal
 from gateway.errors import RequestError
 from gateway.service import RecordAccepted, RecordRequest, Service
@@ -162,3 +163,61 @@ async def test_ending_a_session_now_by_hand_works_for_one_just_opened(
         [RecordRequest(who, cmd, sid, now + timedelta(seconds=1))]
     )
     assert isinstance(refused, RequestError) and refused.code == "SESSION_EXPIRED", refused
+
+
+async def test_every_path_that_closes_a_session_at_its_deadline_counts_it_once(
+    store: PostgresStore,
+) -> None:
+    """gateway_sessions_expired_total ("sessions closed at their deadline") counted only the
+    sweeper's: a close, get, void or open of the same key that found the session past its
+    deadline closed it, announced session.expired, and left the counter at 0."""
+    counted: list[int] = []
+
+    async def past_deadline() -> tuple[Service, Principal, str, datetime, datetime]:
+        service, who, sid, now, deadline = await _opened_11_hours_ago(store)
+        service.on_expired = counted.append
+        return service, who, sid, now, deadline + timedelta(seconds=1)
+
+    async def refused(call: Awaitable[object]) -> str:
+        try:
+            await call
+        except RequestError as exc:
+            return exc.code
+        return "accepted"
+
+    service, who, sid, _, late = await past_deadline()
+    assert await refused(service.close_session(who, sid, late)) == "SESSION_EXPIRED"
+    assert await refused(service.close_session(who, sid, late)) == "SESSION_EXPIRED"
+    assert counted == [1], "close"
+
+    service, who, sid, _, late = await past_deadline()
+    assert (await service.get_session(who, sid, late))["status"] == "closed"
+    await service.get_session(who, sid, late)
+    assert counted == [1, 1], "get"
+
+    service, who, sid, now, late = await past_deadline()
+    cmd = CreateRecord.model_validate(record(recordedAtUtc=_at(now)))
+    (created,) = await service.create_records([RecordRequest(who, cmd, sid, now)])
+    assert isinstance(created, RecordAccepted), created
+    void = service.void_record(who, created.record_id, VoidRecord(reason="typo"), late)
+    assert await refused(void) == "SESSION_EXPIRED"
+    assert counted == [1, 1, 1], "void"
+
+    service, who, sid, _, late = await past_deadline()
+    old = await service.get_session(who, sid)
+    again = OpenSession.model_validate(
+        {
+            "projectId": old["projectId"],
+            "sectorId": old["sectorId"],
+            "openedAt": old["openedAt"],
+            "maxDurationHours": 13,
+        }
+    )
+    new = await service.open_session(who, again, late)
+    assert new["sessionId"] != sid and (await service.get_session(who, sid))["status"] == "closed"
+    assert counted == [1, 1, 1, 1], "open"
+
+    service, who, sid, _, late = await past_deadline()
+    assert sid in await service.expire_due(late)
+    assert sid not in await service.expire_due(late)
+    assert counted[-1] >= 1 and len(counted) == 5, "sweeper"

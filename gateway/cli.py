@@ -504,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GATEWAY_MAX_SESSION_HOURS.",
     )
     p.add_argument(
-        "file", help="a .yaml/.yml or .json file: companies, users, projects (README: seed file)"
+        "file",
+        help="a YAML file, or the same structure in JSON (any name): companies, users, "
+        "projects (README: seed file)",
     )
     p.set_defaults(func=cmd_seed)
 
@@ -551,12 +553,16 @@ def build_parser() -> argparse.ArgumentParser:
         "topics start with GATEWAY_TOPIC_PREFIX. The devices connect to the broker "
         "anonymously (gateway dev's broker lets them in).",
     )
-    p.add_argument("--url", default="ws://127.0.0.1:9001/mqtt", help="the broker's WebSocket URL")
+    p.add_argument(
+        "--url",
+        default="ws://127.0.0.1:9001/mqtt",
+        help="the broker's WebSocket URL (default %(default)s)",
+    )
     p.add_argument("--token", help="a JWT for the devices")
     p.add_argument("--sub", help="mint a token for this user with GATEWAY_JWT_SECRET")
     p.add_argument("--session", action="append", help="a session to record into (repeatable)")
     p.add_argument("--project", help="open sessions in this project (with --sector)")
-    p.add_argument("--sector", action="append", help="a sector to open a session in")
+    p.add_argument("--sector", action="append", help="a sector to open a session in (repeatable)")
     p.add_argument("--devices", type=int, default=8, help="simulated devices (default %(default)s)")
     p.add_argument(
         "--records",
@@ -564,7 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10_000,
         help="distinct records in all; --duplicates sends more on top (default %(default)s)",
     )
-    p.add_argument("--rate", type=float, default=0.0, help="records/s offered; 0 = saturate")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="records/s offered; 0 (the default) = as fast as the devices go",
+    )
     p.add_argument(
         "--window",
         type=int,
@@ -572,7 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="unanswered requests per device (default %(default)s)",
     )
     p.add_argument(
-        "--duplicates", type=float, default=0.0, help="share of records sent twice, 0 to 1"
+        "--duplicates",
+        type=float,
+        default=0.0,
+        help="share of records sent twice, 0 to 1 (default 0)",
     )
     p.add_argument(
         "--processes",

@@ -323,7 +323,12 @@ class Service:
         # A deadline already passed creates nothing, but the key's open session (extended
         # since, say) is still the answer to a device re-sending its open.
         too_late = deadline <= arrival
-        bonus = cmd.bonus.as_json() if cmd.bonus else project.bonus
+        # left out: the project's bonus; null: none, as an update's null clears it
+        bonus: dict[str, Any] | None
+        if cmd.bonus is not None:
+            bonus = cmd.bonus.as_json()
+        else:
+            bonus = None if "bonus" in cmd.model_fields_set else project.bonus
         new = NewSession(
             session_id=new_session_id(),
             company_id=who.company_id,

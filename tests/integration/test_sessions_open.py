@@ -21,7 +21,7 @@ from tests.conftest import PREFIX
 from tests.support.devices import Device
 from tests.support.extra_helpers import fetch, iso_ms
 from tests.support.servers import Servers
-from tests.support.tenants import Tenant, make_tenant
+from tests.support.tenants import Tenant, make_tenant, record
 
 MAX_SESSION_HOURS = 48  # GATEWAY_MAX_SESSION_HOURS's default
 
@@ -492,3 +492,19 @@ async def test_an_open_that_finds_the_key_expired_announces_the_expiry(
     assert [e["type"] for e in events] == ["session.opened", "session.expired"]
     expired = orjson.loads(events[1]["data"])  # jsonb: text on a plain connection
     assert expired["status"] == "closed" and expired["closeReason"] == "expired"
+
+
+async def test_a_null_bonus_opens_without_a_bonus(device: Device, tenant: Tenant) -> None:
+    """`"bonus": null` opened with the project's bonus (10 % on the payroll amount) while the
+    same null in an update clears the bonus: a form sending null for "no bonus" overpaid. At
+    open it now means no bonus too; left out, the project's bonus applies (above)."""
+    data = success(
+        await device.request("sessions/open", tenant.open_payload(bonus=None, pricePerUnit=None))
+    )
+    assert data["bonus"] is None
+    assert data["pricePerUnit"] == 5.5  # a null price cannot mean "no price": the project's
+    sid = data["sessionId"]
+    success(await device.request(f"sessions/{sid}/records", record(units=4)))
+    got = success(await device.request(f"sessions/{sid}/get", {}))
+    assert got["bonus"] is None
+    assert got["totals"]["amount"] == 22  # 4 x 5.5, no 10 %

@@ -335,7 +335,7 @@ class Gateway:
             raise
         if self.http_port is not None:
             log.info("http sidecar on %s:%d", s.http_host, self.http_port)
-        self.sweeper = Sweeper(service, s.sweep_interval_s)
+        self.sweeper = Sweeper(service, s.sweep_interval_s, pipeline.oldest_pending_arrival)
         service.on_expired_seen = self.sweeper.nudge
         self.publisher = Publisher(store, link, self.topics, s, self.metrics)
         link.on_connected = self.publisher.broker_connected

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -44,9 +44,18 @@ async def _sleep_or_stop(stopping: asyncio.Event, seconds: float) -> None:
 class Sweeper:
     """Closes expired sessions now and then, or at once when nudged."""
 
-    def __init__(self, service: Service, interval_s: float) -> None:
+    def __init__(
+        self,
+        service: Service,
+        interval_s: float,
+        oldest_pending: Callable[[], datetime | None] = lambda: None,
+    ) -> None:
         self._service = service
         self._interval_s = interval_s
+        # when the oldest request this process holds unanswered arrived: a session whose
+        # deadline is past that waits, so that request is judged as it arrived (an extend or
+        # close sent in time is not refused SESSION_EXPIRED because the sweep came first)
+        self._oldest_pending = oldest_pending
         self._nudged = asyncio.Event()
 
     def nudge(self) -> None:
@@ -55,7 +64,10 @@ class Sweeper:
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             try:
-                closed = await self._service.expire_due(datetime.now(UTC))
+                now = datetime.now(UTC)
+                oldest = self._oldest_pending()
+                due_by = now if oldest is None else min(now, oldest)
+                closed = await self._service.expire_due(now, due_by)
             except StoreUnavailable as exc:
                 log.warning("sweeper waits for the database: %s", exc)
             except Exception:

@@ -505,9 +505,12 @@ class Service:
             self.session_changed(session_id)  # this process knows first; others get a NOTIFY
         raise refusal
 
-    async def expire_due(self, now: datetime) -> list[str]:
-        """Close and announce every session past its deadline; the ids closed by this call."""
-        closed = await self.store.expire_due(now, lambda s: expiry_events(s, now))
+    async def expire_due(self, now: datetime, due_by: datetime | None = None) -> list[str]:
+        """Close and announce (at ``now``) every session whose deadline has passed by
+        ``due_by`` (default ``now``); the ids closed by this call."""
+        closed = await self.store.expire_due(
+            now if due_by is None else due_by, lambda s: expiry_events(s, now)
+        )
         for s in closed:
             self.session_changed(s.session_id)
         if closed:

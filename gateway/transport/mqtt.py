@@ -89,6 +89,7 @@ class Inbound:
     # the rate limit's decision (True: admitted, else the refusal), kept should its batch be
     # retried after a database outage: a retry is not a second request to charge
     admission: RequestError | Literal[True] | None = field(default=None)
+    seq: int = field(default=0)  # the pipeline's count of arrivals: order across its shards
 
 
 class PublishError(Exception):

@@ -6,6 +6,13 @@ session locks in PostgreSQL and their statements run on two database backends at
 shard takes whatever arrived while its previous batch was being applied (at most
 ``batch_max``, after waiting at most ``batch_wait`` for company when under load).
 
+Sharding by the id in the topic leaves a bulk (no id: shard 0) or a void (by record id) in
+another shard than its session. A session change (close, extend, update) is therefore a
+barrier: it is applied only once every request received before it is, and no request received
+after it is applied before it (rare requests; the shards run side by side otherwise). A bulk
+or void sent before a close is applied, not refused SESSION_CLOSED; a record sent after it is
+refused.
+
 A batch's replies are queued without awaiting their PUBACKs; then its requests are marked done
 and acknowledged, always in the order they arrived (MQTT 5 §4.6) across all shards, so a
 request is never acknowledged before its effect is committed or its error reply is on the wire
@@ -46,6 +53,8 @@ RETRY_INITIAL_S = 0.2
 RETRY_MAX_S = 5.0
 PROBE_TIMEOUT_S = 5.0
 MAX_UNCONFIRMED_REPLIES = 30_000  # packet ids wrap at 65,535
+# requests that change a session's admission: applied in arrival order against all shards
+BARRIERS = frozenset({Op.CLOSE_SESSION, Op.EXTEND_SESSION, Op.UPDATE_SESSION})
 
 
 def _checked_session(payload: bytes) -> str | None:
@@ -93,9 +102,16 @@ class Pipeline:
         self._batch_max = batch_max
         self._batch_wait_s = batch_wait_s
         self._shards = [_Shard() for _ in range(depth)]
-        self._shard_by_topic: dict[str, _Shard] = {}
+        self._shard_by_topic: dict[str, tuple[_Shard, bool]] = {}
         self._queued = 0
         self._unacked: deque[Inbound] = deque()
+        # order across shards: every request not yet answered (QoS 0 too), in arrival order,
+        # and the session changes among them; a shard that must wait for another's progress
+        # awaits _progress
+        self._seq = 0
+        self._open: deque[Inbound] = deque()
+        self._barriers: deque[Inbound] = deque()
+        self._progress: asyncio.Future[None] | None = None
         self._stopping = asyncio.Event()
         self.store_ok = True
         # flow control: past max_inflight unacknowledged requests we stop reading the socket
@@ -106,18 +122,22 @@ class Pipeline:
 
     # fed by the link ----------------------------------------------------------------------
 
-    def _shard_of(self, msg: Inbound) -> _Shard:
-        shard = self._shard_by_topic.get(msg.topic)
-        if shard is None:
+    def _shard_of(self, msg: Inbound) -> tuple[_Shard, bool]:
+        """The shard of ``msg``, and whether it is a barrier (a session change)."""
+        known = self._shard_by_topic.get(msg.topic)
+        if known is None:
             route = self._topics.parse(msg.topic)
             if route is not None and route.op is Op.CHECK_IDEMPOTENCY:
-                return self._shard_by_key(_checked_session(msg.payload))  # not by topic
-            shard = self._shard_by_key(route.session_id or route.record_id if route else None)
+                return self._shard_by_key(_checked_session(msg.payload)), False  # not by topic
+            known = (
+                self._shard_by_key(route.session_id or route.record_id if route else None),
+                route is not None and route.op in BARRIERS,
+            )
             if len(msg.topic) <= CACHEABLE_TOPIC:  # a topic may be 64 KiB: not those
                 if len(self._shard_by_topic) >= 50_000:
                     self._shard_by_topic.clear()
-                self._shard_by_topic[msg.topic] = shard
-        return shard
+                self._shard_by_topic[msg.topic] = known
+        return known
 
     def _shard_by_key(self, key: str | None) -> _Shard:
         shards = self._shards
@@ -125,7 +145,12 @@ class Pipeline:
 
     def submit(self, msg: Inbound) -> None:
         self.last_arrival = time.monotonic()
-        shard = self._shard_of(msg)
+        shard, barrier = self._shard_of(msg)
+        self._seq += 1
+        msg.seq = self._seq
+        self._open.append(msg)
+        if barrier:
+            self._barriers.append(msg)
         shard.queue.append(msg)
         self._queued += 1
         if msg.qos:
@@ -139,10 +164,13 @@ class Pipeline:
     def connection_lost(self) -> None:
         """Forget what the old connection delivered: the broker redelivers it, unacknowledged."""
         self._unacked.clear()
+        self._open.clear()
+        self._barriers.clear()
         for shard in self._shards:
             shard.queue.clear()
         self._queued = 0
         self._paused = False
+        self._progressed()
 
     @property
     def backlog(self) -> int:
@@ -152,11 +180,54 @@ class Pipeline:
     def unacked(self) -> int:
         return len(self._unacked)
 
+    def oldest_pending_arrival(self) -> datetime | None:
+        """When the oldest request not yet answered arrived (None: none waits). The sweeper
+        closes no session whose deadline is past this: a request that arrived before the
+        deadline and still waits here is judged as it arrived (SPEC §5)."""
+        open_ = self._open
+        while open_ and open_[0].done:
+            open_.popleft()
+        return open_[0].received_at if open_ else None
+
     def stop(self) -> None:
         """Take no new batch; the ones in hand are finished and acknowledged."""
         self._stopping.set()
         for shard in self._shards:
             shard.arrived.set()
+        self._progressed()
+
+    # order across shards ------------------------------------------------------------------
+
+    def _progressed(self) -> None:
+        """Requests were answered: shards waiting on a barrier look again."""
+        waiting, self._progress = self._progress, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    async def _await_progress(self) -> None:
+        if self._progress is None:
+            self._progress = asyncio.get_running_loop().create_future()
+        await self._progress
+
+    def _first_barrier(self) -> Inbound | None:
+        barriers = self._barriers
+        while barriers and barriers[0].done:
+            barriers.popleft()
+        return barriers[0] if barriers else None
+
+    def _barrier_ahead(self, head: Inbound) -> Inbound | None:
+        """The barrier ``head`` (a shard's oldest request) must wait for, if any: the first
+        unanswered session change, when it arrived before ``head``; or ``head`` itself, while
+        something that arrived before it is unanswered."""
+        barrier = self._first_barrier()
+        if barrier is None or head.seq < barrier.seq:
+            return None
+        if head is barrier:
+            open_ = self._open
+            while open_ and open_[0].done:
+                open_.popleft()
+            return barrier if open_ and open_[0] is not barrier else None
+        return barrier
 
     # the loop -----------------------------------------------------------------------------
 
@@ -188,13 +259,22 @@ class Pipeline:
                     await asyncio.sleep(self._batch_wait_s)
             if not queue:
                 continue
+            if self._barrier_ahead(queue[0]) is not None:
+                await self._await_progress()  # another shard's requests go first
+                continue
             batch = [queue.popleft()]
             size = len(batch[0].payload)
-            while queue and len(batch) < self._batch_max:
-                size += len(queue[0].payload)
-                if size > BATCH_MAX_BYTES:  # a burst of bulks: a few per batch, not 500
-                    break
-                batch.append(queue.popleft())
+            barrier = self._first_barrier()
+            if barrier is batch[0]:
+                pass  # a session change goes alone: what follows it waits for its answer
+            else:
+                while queue and len(batch) < self._batch_max:
+                    if barrier is not None and queue[0].seq >= barrier.seq:
+                        break
+                    size += len(queue[0].payload)
+                    if size > BATCH_MAX_BYTES:  # a burst of bulks: a few per batch, not 500
+                        break
+                    batch.append(queue.popleft())
             self._queued -= len(batch)
             shard.busy = True
             try:
@@ -290,6 +370,10 @@ class Pipeline:
                 self._metrics.inc("gateway_replies_unpublishable_total")
             msg.done = True
         self._flush_acks()
+        open_ = self._open
+        while open_ and open_[0].done:
+            open_.popleft()
+        self._progressed()
 
     def _flush_acks(self) -> None:
         unacked = self._unacked

@@ -7,12 +7,14 @@ chosen by the test: no wall-clock assertion, no sleep.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 
-from gateway.core.models import CreateRecord, OpenSession, VoidRecord
+from gateway.core.models import CreateRecord, ExtendSession, OpenSession, VoidRecord
 from gateway.core.rules import Limits, Principal
 from gateway.errors import RequestError
+from gateway.publisher import Sweeper
 from gateway.service import RecordAccepted, RecordRequest, Service
 from gateway.store.postgres import PostgresStore
 from tests.support.extra_helpers import execute
@@ -221,3 +223,54 @@ async def test_every_path_that_closes_a_session_at_its_deadline_counts_it_once(
     assert sid in await service.expire_due(late)
     assert sid not in await service.expire_due(late)
     assert counted[-1] >= 1 and len(counted) == 5, "sweeper"
+
+
+async def test_the_sweeper_leaves_a_session_a_queued_request_arrived_in_time_for(
+    store: PostgresStore, database: str
+) -> None:
+    """An extend (or close, or update) that arrived before the deadline but still waited in
+    the pipeline when the sweeper came was refused SESSION_EXPIRED: the sweeper closed the
+    session first. The sweeper now closes only sessions whose deadline passed before the
+    oldest request the pipeline still holds arrived."""
+    tenant = await make_tenant(store)
+    service = Service(store, Limits())
+    who = tenant.principal()
+    now = datetime.now(UTC)
+    sid = await opened(service, who, tenant.open_payload(), now)
+    deadline = now - timedelta(seconds=30)
+    await execute(
+        database,
+        "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
+        sid,
+        deadline,
+    )
+    service.session_changed(sid)
+    pending: list[datetime | None] = [deadline - timedelta(seconds=1)]  # queued in time
+
+    async def one_sweep() -> None:
+        stopping = asyncio.Event()
+        sweeper = Sweeper(service, 0.05, lambda: pending[0])
+        running = asyncio.create_task(sweeper.run(stopping))
+        await asyncio.sleep(0.3)
+        stopping.set()
+        await asyncio.wait_for(running, 10)
+
+    await one_sweep()
+    assert (await service.get_session(who, sid))["status"] == "open"
+    extended = await service.extend_session(
+        who, sid, ExtendSession(maxDurationHours=20), deadline - timedelta(seconds=1)
+    )
+    assert extended == {"maxDurationHours": 20}
+
+    # what is queued now arrived after the (new) deadline: the sweep goes ahead
+    await execute(
+        database,
+        "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
+        sid,
+        deadline,
+    )
+    service.session_changed(sid)
+    pending[0] = None
+    await one_sweep()
+    got = await service.get_session(who, sid)
+    assert (got["status"], got["closeReason"]) == ("closed", "expired")

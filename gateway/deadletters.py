@@ -46,11 +46,9 @@ class DeadLetterWriter:
             DeadLetter(
                 received_at=m.received_at,
                 # an HTTP refusal's "topic" is its URL, which may carry a token (?access_token=)
-                topic=_text(capped_topic(redact_tokens(m.topic.encode()).decode(errors="replace"))),
+                topic=_text(capped_topic(_redacted(m.topic))),
                 reason=refusal.code,
-                message=_text(
-                    redact_tokens(refusal.message[:1000].encode()).decode(errors="replace")
-                ),
+                message=_text(_redacted(refusal.message[:1000])),
                 auth0_id=_text(refusal.auth0_id) if refusal.auth0_id else None,
                 payload=payload[: self._cap],
                 payload_size=size,
@@ -131,5 +129,13 @@ def capped_topic(topic: str) -> str:
 
 
 def _text(value: str) -> str:
-    """Text PostgreSQL can store: NUL shown as \\u0000."""
+    """Text PostgreSQL can store: NUL shown as \\u0000, a lone surrogate (no UTF-8 holds
+    one) as "?"."""
+    if not value.isascii():
+        value = value.encode(errors="replace").decode()
     return value.replace("\x00", "\\u0000") if "\x00" in value else value
+
+
+def _redacted(text: str) -> str:
+    """``text`` with tokens redacted; never fails, whatever characters it holds."""
+    return redact_tokens(text.encode(errors="replace")).decode(errors="replace")

@@ -218,6 +218,8 @@ class TokenVerifier:
         sub, exp, nbf = payload.get("sub"), payload.get("exp"), payload.get("nbf")
         if not isinstance(sub, str) or not sub:
             raise Unauthorized("token sub must be a non-empty string")
+        if "\x00" in sub or not _storable(sub):
+            raise Unauthorized("token sub holds a character no user id can (NUL, or invalid UTF-8)")
         if not _is_number(exp):
             raise Unauthorized("token exp must be a number (seconds since the epoch)")
         assert isinstance(exp, int | float)
@@ -230,6 +232,17 @@ class TokenVerifier:
             if float(nbf) - self.leeway_s > now:
                 raise Unauthorized("token is not valid yet (nbf in the future)")
         return Claims(sub=sub, exp=float(exp))
+
+
+def _storable(text: str) -> bool:
+    """Can ``text`` be written as UTF-8 (no lone surrogate)?"""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_number(value: object) -> bool:

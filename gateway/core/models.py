@@ -404,7 +404,7 @@ def decode_object(raw: bytes, *, max_bytes: int, max_depth: int) -> dict[str, An
         elif raw.startswith(BOM):
             problem = BOM_HINT
         elif "UTF-8" in str(exc):  # orjson's words for it ("surrogates not allowed") help nobody
-            problem = "payload is not valid UTF-8: send JSON text encoded as UTF-8"
+            problem = NOT_UTF8
         elif "number is infinity" in str(exc):
             # valid JSON (RFC 8259 sets no range) that orjson will not read: read it with the
             # standard library, so that the field is refused by name and the envelope answered
@@ -446,11 +446,39 @@ def _int_as_orjson_reads_it(text: str) -> int | float:
 
 def _decode_out_of_range(raw: bytes) -> object:
     """``raw`` with a number beyond a double's range read as infinity (for the validators to
-    refuse where it stands); NaN and Infinity literals stay refused, as orjson refuses them."""
+    refuse where it stands); NaN and Infinity literals stay refused, as orjson refuses them,
+    and so does a lone surrogate escape (``"\\ud800"``), which the standard library takes
+    and no UTF-8 writer (a reply, a dead letter, PostgreSQL) can write back."""
     try:
-        return json.loads(raw, parse_constant=_no_constant, parse_int=_int_as_orjson_reads_it)
+        data = json.loads(raw, parse_constant=_no_constant, parse_int=_int_as_orjson_reads_it)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest(f"payload is not valid JSON: {exc}") from None
+    if _holds_a_surrogate(data):
+        raise InvalidRequest(NOT_UTF8)
+    return data
+
+
+NOT_UTF8 = "payload is not valid UTF-8: send JSON text encoded as UTF-8"
+
+
+def _holds_a_surrogate(data: object) -> bool:
+    """Is there a lone surrogate in any key or string of ``data``? (Iterative: the depth
+    limit is checked after this.)"""
+    todo = [data]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(item, dict):
+            todo.extend(item)
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return False
 
 
 class TooDeep(InvalidRequest):

@@ -57,6 +57,7 @@ from gateway.service import Bulk, RecordOutcome, RecordRequest, Service
 from gateway.transport.mqtt import Inbound
 
 log = logging.getLogger(__name__)
+_BARE_INTERNAL = orjson.dumps({"status": "error", "error": error_body(RuntimeError())})
 
 
 @dataclass(slots=True)
@@ -221,7 +222,11 @@ class Dispatcher:
                 r.body, r.error = m.settled
             else:
                 r.error = as_request_error(exc)
-            replies.append(self._reply(r))
+            try:
+                replies.append(self._reply(r))
+            except Exception:  # the last word on a batch must not fail too: a bare INTERNAL
+                log.exception("reply to %.200r could not be built; answering INTERNAL", m.topic)
+                replies.append(Reply(r.reply_topic, _BARE_INTERNAL, m.correlation))
         return replies
 
     # stage 1: bytes -> request ------------------------------------------------------------
@@ -403,7 +408,10 @@ class Dispatcher:
             body = {"status": "error", "error": error_body(err)}
             outcome = body["error"]["code"]
             if self._on_refused is not None:
-                self._on_refused(Refusal(r.msg, outcome, body["error"]["message"], _sub(r)))
+                try:  # keeping the refusal must never stop the answer
+                    self._on_refused(Refusal(r.msg, outcome, body["error"]["message"], _sub(r)))
+                except Exception:
+                    log.exception("a refusal of %.200r was not kept as a dead letter", r.msg.topic)
         if r.envelope.request_id is not None:
             body["requestId"] = r.envelope.request_id
         if r.record is not None:

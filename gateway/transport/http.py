@@ -498,7 +498,10 @@ class HttpSidecar:
         size = None
         if payload is None and len(msg.payload) > self.max_payload_bytes:
             size = request.content_length  # what was read stops past the limit
-        self._on_refused(Refusal(msg, code, message, call.sub, payload=payload, size=size))
+        try:  # keeping the refusal must never stop the answer
+            self._on_refused(Refusal(msg, code, message, call.sub, payload=payload, size=size))
+        except Exception:
+            log.exception("a refusal of %.200r was not kept as a dead letter", msg.topic)
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, read once and at most ``max_payload_bytes + 1`` bytes of it (what a dead

@@ -148,6 +148,16 @@ def test_hs256_claim_refusals(payload: dict[str, Any]) -> None:
         verifier().verify(bearer(hs256(payload)))
 
 
+@pytest.mark.parametrize("sub", ["user\u0000x", "\ud800", "user\udfff"])
+def test_a_sub_no_database_can_store_is_refused(sub: str) -> None:
+    """A signed token whose sub holds a NUL (PostgreSQL text cannot) or a lone surrogate (no
+    UTF-8 can) failed the whole batch it landed in when the user was looked up: every
+    request of it, other companies' too, answered INTERNAL. UNAUTHORIZED, alone, now."""
+    token = hand_token({"alg": "HS256", "typ": "JWT"}, claims(sub=sub), SECRET.encode())
+    with pytest.raises(Unauthorized, match="sub"):
+        verifier().verify(bearer(token))
+
+
 def test_sub_must_be_a_string() -> None:
     """A numeric sub is refused (the token is built by hand; PyJWT refuses to mint it)."""
     token = hand_token({"alg": "HS256", "typ": "JWT"}, claims(sub=123), SECRET.encode())

@@ -94,6 +94,27 @@ def test_integers_read_past_a_double_are_read_as_orjson_reads_them() -> None:
     assert orjson.dumps(data)  # whatever is echoed can be written
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"x": 1e400, "sessionId": "\\ud800"}',
+        b'{"x": 1e400, "a": {"b": ["ok", "\\udfff tail"]}}',
+        b'{"x": 1e400, "\\ud83d": 1}',  # in a key
+    ],
+)
+def test_a_lone_surrogate_is_refused_on_the_standard_library_path_too(raw: bytes) -> None:
+    """orjson refuses a lone surrogate escape (no UTF-8 can carry it); the standard library,
+    which reads payloads holding a number beyond a double, took it, and the string reached a
+    dead-letter write that could not encode it: the pipeline died, and at every restart the
+    redelivered request killed it again. Refused as orjson refuses it now."""
+    with pytest.raises(InvalidRequest, match="not valid UTF-8"):
+        decode_object(raw, max_bytes=1024, max_depth=16)
+    with pytest.raises(InvalidRequest, match=r"not valid (UTF-8|JSON)"):  # orjson's refusal
+        decode_object(raw.replace(b"1e400", b"1"), max_bytes=1024, max_depth=16)
+    pair = decode_object(b'{"x": 1e400, "s": "\\ud83d\\ude00"}', max_bytes=1024, max_depth=16)
+    assert pair["s"] == "\U0001f600"  # a pair is one character, as orjson reads it
+
+
 def test_decode_refuses_payload_over_max_bytes() -> None:
     """A payload longer than max_bytes is PAYLOAD_TOO_LARGE with its size and the limit."""
     raw = b'{"a": "' + b"x" * 100 + b'"}'

@@ -160,3 +160,29 @@ async def test_a_burst_of_bulks_is_cut_into_batches_by_bytes() -> None:
     await asyncio.wait_for(running, 5)
     assert link.acked == list(range(1, len(sizes) + 1))
     assert recorder.sizes == [3] * 6 + [2, 1, 100]
+
+
+def test_a_dead_letter_that_cannot_be_kept_never_stops_the_answers() -> None:
+    """A refusal the dead-letter writer could not take (a lone surrogate it could not
+    encode) raised out of the reply being built, then out of fail_all, which built the same
+    reply again: the pipeline died and the gateway with it. The reply goes out regardless."""
+    from gateway.core.auth import KeyRing, TokenVerifier
+    from gateway.service import Service
+
+    def refuse_to_keep(_refusal: object) -> None:
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    dispatcher = Dispatcher(
+        cast(Service, None),
+        TokenVerifier(KeyRing(secret="s" * 32)),
+        Topics("hydrobit/v2"),
+        max_payload_bytes=1024,
+        max_json_depth=16,
+        on_refused=refuse_to_keep,
+    )
+    batch = [inbound(1), inbound(2)]
+    replies = dispatcher.fail_all(batch, RuntimeError("a bug"))
+    assert [r.topic for r in replies] == ["hydrobit/v2/sessions/s1/records/reply"] * 2
+    assert all(b'"INTERNAL"' in r.payload for r in replies)
+    answered = asyncio.run(dispatcher.handle([inbound(3)]))  # refused: no token
+    assert b'"UNAUTHORIZED"' in answered[0].payload

@@ -161,6 +161,22 @@ async def test_a_number_beyond_a_double_is_refused_by_field_with_the_request_id(
     assert update["requestId"] == "r-up"
 
 
+async def test_a_lone_surrogate_next_to_a_huge_number_is_refused_and_the_gateway_serves_on(
+    device: Device, session_id: str
+) -> None:
+    """One message stopped every gateway, and again at each restart (the request redelivered):
+    a number beyond a double sent the payload to the standard library's parser, which takes a
+    lone surrogate; the refusal quoting it could not be written to the dead-letter table, and
+    the pipeline died. Refused VALIDATION_ERROR now; the next request is served."""
+    for suffix in (f"sessions/{session_id}/get", "sessions/any/get", "records/bulk"):
+        reply = await device.request(suffix, b'{"x":1e400,"sessionId":"\\ud800"}')
+        assert reply["error"]["code"] == "VALIDATION_ERROR", reply
+    created = await device.request(f"sessions/{session_id}/records", record())
+    assert created["status"] == "success", created
+    status = await device.request(f"sessions/{session_id}/get", {})
+    assert status["status"] == "success"
+
+
 async def test_a_nul_character_fails_its_field_not_the_payload(
     device: Device, legacy_device: LegacyDevice, tenant: Tenant, session_id: str, database: str
 ) -> None:

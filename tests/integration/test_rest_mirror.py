@@ -677,3 +677,21 @@ async def test_a_transient_database_failure_is_retried_not_answered_503(
     monkeypatch.setattr(store, "insert_records", real)
     status, session, _ = await rest.call("GET", f"/sessions/{sid}")
     assert session["data"]["totals"]["records"] == 1
+
+
+async def test_a_lone_surrogate_next_to_a_huge_number_is_a_400(rest: Rest, tenant: Tenant) -> None:
+    """It was a plain-text 500, kept nowhere (the standard library's parser, used for numbers
+    beyond a double, takes a lone surrogate no UTF-8 writer can write back)."""
+    _, opened, _ = await rest.call("POST", "/sessions", tenant.open_payload())
+    sid = opened["data"]["sessionId"]
+    for method, path in (
+        ("POST", "/records"),
+        ("POST", "/records/bulk"),
+        ("POST", "/sessions"),
+        ("PATCH", f"/sessions/{sid}"),
+        ("POST", f"/sessions/{sid}/close"),
+        ("POST", f"/sessions/{sid}/extend"),
+    ):
+        status, body, _ = await rest.call(method, path, raw=b'{"x":1e400,"sessionId":"\\ud800"}')
+        assert status == 400, (path, status, body)
+        assert body["error"]["code"] == "VALIDATION_ERROR"

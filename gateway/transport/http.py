@@ -511,9 +511,18 @@ class HttpSidecar:
             limit = self.max_payload_bytes
             raw = bytearray()
             try:
-                while len(raw) <= limit and (
-                    chunk := await request.content.read(limit + 1 - len(raw))
-                ):
+                while len(raw) <= limit:
+                    try:
+                        chunk = await asyncio.wait_for(
+                            request.content.read(limit + 1 - len(raw)), BODY_STALL_S
+                        )
+                    except TimeoutError:
+                        raise InvalidRequest(
+                            f"the body stopped arriving ({len(raw)} bytes in, nothing for "
+                            f"{BODY_STALL_S:.0f} s): send the request again"
+                        ) from None
+                    if not chunk:
+                        break
                     raw += chunk
             finally:  # what arrived before the client went away is kept too
                 call.raw = bytes(raw)
@@ -736,6 +745,13 @@ async def _retrying(request: web.Request, handler: Handler) -> web.StreamRespons
 
 MAX_HEADER_BYTES = 32_768
 ANSWER_DEADLINE_S = 10.0  # the database's time to answer a REST call, once its body is in
+# A connection that sends no (complete) request for this long is closed: idle keep-alives and
+# slow-header clients (slowloris) held sockets for aiohttp's default hour, and 20,000 of them
+# exhausted the process's file descriptors.
+IDLE_CLOSE_S = 15.0
+# A body that stops arriving for this long is refused (a slow rural upload keeps going; one
+# that stalls held its buffer, up to GATEWAY_MAX_PAYLOAD_BYTES, for good).
+BODY_STALL_S = 30.0
 # The methods whose handlers read a body: a GET or HEAD that sends one anyway is not waited for
 # (its handler never reads it, so the deadline never started: held for ever while PostgreSQL hung).
 BODY_METHODS = frozenset({"POST", "PATCH", "PUT"})
@@ -808,6 +824,7 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
     runner = web.AppRunner(
         app,
         access_log=None,
+        keepalive_timeout=IDLE_CLOSE_S,
         max_field_size=MAX_HEADER_BYTES,
         max_line_size=MAX_HEADER_BYTES,  # a long id or key in the URL: a JSON 400 too
     )

@@ -17,6 +17,7 @@ from yarl import URL
 from gateway.app import Gateway
 from gateway.devstack import free_port
 from gateway.store.postgres import PostgresStore
+from gateway.transport import http as http_module
 from tests.conftest import gateway_settings, running_gateway
 from tests.support.devices import Device
 from tests.support.extra_helpers import fetch
@@ -434,3 +435,45 @@ async def test_two_different_authorization_headers_are_refused(
     same = CIMultiDict([("Authorization", f"Bearer {mine}"), ("Authorization", f"Bearer {mine}")])
     async with session.get(check_url(base, key), headers=same) as resp:
         assert resp.status == 404  # the token is fine; the key is not stored
+
+
+async def test_a_connection_that_sends_no_request_is_closed(
+    servers: Servers, database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp keeps a connection that sends nothing (or headers a byte at a time) for an
+    hour by default: 20,000 of them took every file descriptor and /healthz stopped
+    answering. Closed after IDLE_CLOSE_S now (made short here)."""
+    monkeypatch.setattr(http_module, "IDLE_CLOSE_S", 0.5)
+    async with running_gateway(gateway_settings(servers, database)) as gw:
+        assert gw.http_port is not None
+        idle = await asyncio.open_connection("127.0.0.1", gw.http_port)
+        slow = await asyncio.open_connection("127.0.0.1", gw.http_port)
+        slow[1].write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        for reader, writer in (idle, slow):
+            assert await asyncio.wait_for(reader.read(), 30) == b""  # closed by the server
+            writer.close()
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{gw.http_port}/healthz") as resp,
+        ):
+            assert resp.status == 200  # a real request still goes through
+
+
+async def test_a_body_that_stops_arriving_is_refused(
+    servers: Servers, database: str, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A body announced at 100 bytes that stalls after 10 held its connection and buffer for
+    good (1,000 of them: +770 MB). Refused once nothing arrives for BODY_STALL_S (short here);
+    a slow upload that keeps coming is not cut short."""
+    monkeypatch.setattr(http_module, "BODY_STALL_S", 0.5)
+    async with running_gateway(gateway_settings(servers, database)) as gw:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+        writer.write(
+            b"POST /api/control/production/records HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + tenant.token().encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n" + b'{"units": 1,'
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        assert head.startswith(b"HTTP/1.1 400"), head
+        writer.close()

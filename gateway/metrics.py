@@ -30,6 +30,8 @@ HELP: dict[str, str] = {
     "gateway_http_requests_total": "HTTP sidecar requests answered, by method, route and status.",
     "gateway_outbox_pending": "Session events waiting to be published, as of the leader's last "
     "poll of the outbox (capped at one poll's limit, 500); 0 when not leading.",
+    "gateway_publishes_too_large_total": "Session events or states the broker refused as over "
+    "its message_size_limit (0x95): given up, not sent again every round.",
     "gateway_publisher_leading": "1 while this process holds the leader lock and publishes "
     "session events and retained state, else 0.",
     "gateway_read_pauses_total": "Times reading from the broker paused: too much in flight.",

@@ -99,6 +99,16 @@ class PublishError(Exception):
 class PublishRefused(PublishError):
     """The broker answered a publish with a refusal (MQTT 5 PUBACK reason >= 0x80)."""
 
+    def __init__(self, reason: int) -> None:
+        super().__init__(f"broker refused publish: 0x{reason:02x}")
+        self.reason = reason
+
+    @property
+    def too_large(self) -> bool:
+        """0x95 Packet too large: past the broker's message_size_limit, refused however often
+        it is sent again."""
+        return self.reason == 0x95
+
 
 class ConnectionFailed(Exception):
     """The broker refused us or the connection broke; the link reconnects."""
@@ -737,7 +747,7 @@ class MqttLink:
         self._inflight -= 1
         if fut is not None and not fut.done():
             if pkt.reasons and pkt.reasons[0] >= 0x80:
-                fut.set_exception(PublishRefused(f"broker refused publish: 0x{pkt.reasons[0]:02x}"))
+                fut.set_exception(PublishRefused(pkt.reasons[0]))
                 fut.exception()
             else:
                 fut.set_result(None)

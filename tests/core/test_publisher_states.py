@@ -15,7 +15,7 @@ from gateway.core.views import Session
 from gateway.metrics import Metrics
 from gateway.publisher import Publisher
 from gateway.store.postgres import PostgresStore
-from gateway.transport.mqtt import MqttLink
+from gateway.transport.mqtt import MqttLink, PublishError, PublishRefused
 
 
 class Link:
@@ -70,3 +70,26 @@ async def test_a_broker_that_lost_our_session_gets_every_state_again() -> None:
     publisher.broker_connected(session_present=False)
     assert await publisher._publish_states(states)
     assert link.published == ["hydrobit/v2/sessions/s1/state", "hydrobit/v2/sessions/s2/state"] * 2
+
+
+async def test_a_publish_too_large_for_the_broker_is_given_up_not_sent_again() -> None:
+    """A session event or state over the broker's message_size_limit is refused (PUBACK 0x95)
+    however often it is sent: it was sent again every round for ever (a 1.7 MB event of a
+    session with 10,000 workers, every second). It counts as settled now, and is counted; a
+    refusal that may pass later (0x87: an ACL being fixed) and a missing PUBACK are not."""
+    metrics = Metrics()
+    publisher = Publisher(
+        cast(PostgresStore, None),
+        cast(MqttLink, Link()),
+        Topics("hydrobit/v2"),
+        load_settings(),
+        metrics,
+    )
+    loop = asyncio.get_running_loop()
+    outcomes: list[asyncio.Future[None]] = [loop.create_future() for _ in range(4)]
+    outcomes[0].set_result(None)
+    outcomes[1].set_exception(PublishRefused(0x95))
+    outcomes[2].set_exception(PublishRefused(0x87))
+    outcomes[3].set_exception(PublishError("link down"))
+    assert await publisher._confirmed(outcomes) == [True, True, False, False]
+    assert metrics.value("gateway_publishes_too_large_total") == 1

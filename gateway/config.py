@@ -297,6 +297,12 @@ def advice(settings: Settings) -> list[str]:
             "configuration: raise the broker's limit above it too, or payloads in between are "
             "refused by the broker and never reach the gateway (no reply)"
         )
+    if settings.jwt_jwks and not settings.jwt_audience:
+        found.append(
+            "GATEWAY_JWT_JWKS is set without GATEWAY_JWT_AUDIENCE: every token its identity "
+            "provider signs, for any other API (and ID tokens), is accepted here; set the "
+            "audience the provider puts in this API's tokens"
+        )
     return found
 
 

@@ -323,3 +323,12 @@ def test_an_empty_secret_beside_a_jwks_is_unset(monkeypatch: pytest.MonkeyPatch)
     s = load_settings()
     assert (s.jwt_secret, s.jwt_jwks) == (None, "/etc/hydrobit/jwks.json")
     s.require_jwt_keys()
+
+
+def test_a_jwks_without_an_audience_is_advised_against() -> None:
+    """With GATEWAY_JWT_JWKS (a shared identity provider, Auth0 say) and no audience, every
+    token that provider signs for any other API, ID tokens too, is taken here."""
+    (text,) = advice(load_settings(jwt_jwks="/etc/hydrobit/jwks.json"))
+    assert "GATEWAY_JWT_AUDIENCE" in text
+    assert advice(load_settings(jwt_jwks="/etc/hydrobit/jwks.json", jwt_audience="hb")) == []
+    assert advice(load_settings(jwt_secret="s" * 32)) == []  # a secret of our own: ours alone

@@ -329,14 +329,24 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             else:  # bytes as Python writes them: b'\xff\xfe...'
                 shown = repr(raw[:120]) + ("..." if len(raw) > 120 else "")
             print(
-                f"{iso(row['received_at'])}  {row['reason']:<20} {row['topic']}\n"
-                f"    {row['message']}\n    user={row['auth0_id'] or '-'} "
+                f"{iso(row['received_at'])}  {row['reason']:<20} {printable(row['topic'])}\n"
+                f"    {printable(row['message'])}\n    user={printable(row['auth0_id'] or '-')} "
                 f"size={row['payload_size']} payload={shown}"
             )
     if not args.json:
         more = f" (the newest {args.limit}: --limit to see more)" if len(rows) >= args.limit else ""
         print(f"{len(rows)} dead letter(s){more}", file=sys.stderr)
     return 0
+
+
+# C0 controls, DEL and C1 controls: what a terminal acts on (colours, cursor moves, a cleared
+# screen, a forged line) when a device's topic or field is printed as it was sent
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal: control characters written as ``\\xNN``."""
+    return text.translate(_CONTROLS)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -142,3 +142,13 @@ def test_dev_instructions_print_a_token_the_dev_gateway_accepts(tmp_path: Path) 
     env = dict(word.split("=", 1) for word in shlex.split(export.strip())[1:])
     assert env["GATEWAY_JWT_AUDIENCE"] == "hydrobit-api"
     assert env["GATEWAY_JWT_ISSUER"] == "https://auth.example/"
+
+
+def test_dead_letters_print_control_characters_escaped() -> None:
+    """`gateway dead-letters` printed a refusal's topic and message as sent: an escape sequence
+    in a URL or a sessionId cleared the operator's screen or forged a line of output."""
+    from gateway.cli import printable
+
+    assert printable("HTTP GET /x\x1b[31mRED\nFORGED") == "HTTP GET /x\\x1b[31mRED\\x0aFORGED"
+    assert printable("sessionId \x9b2J\x7f é ✓") == "sessionId \\x9b2J\\x7f é ✓"
+    assert printable("plain/topic") == "plain/topic"

@@ -105,11 +105,17 @@ class DeadLetterWriter:
 # A JWT (header.claims.signature, base64url): what a 3.1.1 device puts in "authorization".
 # Its header is a JSON object, so it starts "ey" whatever follows the "{" ('eyJ' for '{"',
 # 'eyA' for '{ ', ...).
-_JWT = re.compile(rb"(ey[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{2,}\.)[A-Za-z0-9_-]+")
+# Its dots may be JSON escapes (\u002e), which the gateway reads as dots all the same.
+_DOT = rb"(?:\.|\\u002[eE])"
+_JWT = re.compile(
+    rb"(ey[A-Za-z0-9_-]{8,}" + _DOT + rb"[A-Za-z0-9_-]{2,}" + _DOT + rb")[A-Za-z0-9_-]+"
+)
 # Whatever else follows a Bearer scheme (a token in another form): all of it; not the words
 # of our own messages ("expected 'Bearer <jwt>'", "must use the Bearer scheme: send ...").
 _BEARER = re.compile(
-    rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*\.|<jwt>|scheme[:\s])[^\s\"'\\&]+"
+    rb"([Bb][Ee][Aa][Rr][Ee][Rr]\s+)(?!ey[A-Za-z0-9_-]*"
+    + _DOT
+    + rb"|<jwt>|scheme[:\s])[^\s\"'\\&]+"
 )
 MAX_TOPIC = 1024
 

@@ -20,6 +20,17 @@ def test_a_token_in_the_payload_loses_its_signature_and_keeps_its_claims() -> No
     assert out.endswith(b'", "units": "x"}')
 
 
+def test_a_token_whose_dots_are_json_escapes_is_redacted_too() -> None:
+    """JSON may write a token's dots as \\u002e (the gateway reads it as the token): only the
+    header was redacted, and the claims and signature were kept, usable."""
+    header, claims, signature = TOKEN.split(".")
+    for dot in (b"\\u002e", b"\\u002E"):
+        escaped = dot.join(part.encode() for part in (header, claims, signature))
+        out = redact_tokens(b'{"authorization": "Bearer ' + escaped + b'", "units": 1}')
+        assert signature.encode() not in out, out
+        assert out.endswith(b'<redacted>", "units": 1}'), out
+
+
 def test_every_token_is_redacted_even_in_broken_json() -> None:
     raw = b"{" + TOKEN.encode() + b" and again " + TOKEN.encode()
     out = redact_tokens(raw)

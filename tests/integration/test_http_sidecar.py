@@ -444,7 +444,12 @@ async def test_a_connection_that_sends_no_request_is_closed(
     hour by default: 20,000 of them took every file descriptor and /healthz stopped
     answering. Closed after IDLE_CLOSE_S now (made short here)."""
     monkeypatch.setattr(http_module, "IDLE_CLOSE_S", 0.5)
-    async with running_gateway(gateway_settings(servers, database)) as gw:
+    # a prefix of its own: its persistent broker session must not take a share of the
+    # requests the session's gateway (conftest) serves after it has stopped
+    settings = gateway_settings(
+        servers, database, topic_prefix=f"hb-idle-{secrets.token_hex(3)}/v2"
+    )
+    async with running_gateway(settings) as gw:
         assert gw.http_port is not None
         idle = await asyncio.open_connection("127.0.0.1", gw.http_port)
         slow = await asyncio.open_connection("127.0.0.1", gw.http_port)
@@ -466,7 +471,12 @@ async def test_a_body_that_stops_arriving_is_refused(
     good (1,000 of them: +770 MB). Refused once nothing arrives for BODY_STALL_S (short here);
     a slow upload that keeps coming is not cut short."""
     monkeypatch.setattr(http_module, "BODY_STALL_S", 0.5)
-    async with running_gateway(gateway_settings(servers, database)) as gw:
+    # a prefix of its own: its persistent broker session must not take a share of the
+    # requests the session's gateway (conftest) serves after it has stopped
+    settings = gateway_settings(
+        servers, database, topic_prefix=f"hb-idle-{secrets.token_hex(3)}/v2"
+    )
+    async with running_gateway(settings) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
         writer.write(
             b"POST /api/control/production/records HTTP/1.1\r\nHost: x\r\n"

@@ -171,7 +171,12 @@ async def test_retire_stopped_before_it_is_done_keeps_the_session(
 ) -> None:
     """A retire interrupted (Ctrl-C) before its queue was answered and quiet ended the broker
     session anyway, dropping whatever was still queued in it unanswered. It keeps it now."""
-    settings = gateway_settings(servers, database, share_group=f"g-{secrets.token_hex(3)}")
+    settings = gateway_settings(
+        servers,
+        database,
+        topic_prefix=f"hb-retire-{secrets.token_hex(3)}/v2",  # no copy of other tests' requests
+        share_group=f"g-{secrets.token_hex(3)}",
+    )
     async with running_gateway(settings):
         pass  # subscribed once, then stopped: a session to retire
     retiring = Gateway(settings, retiring=True)

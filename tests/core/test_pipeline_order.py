@@ -68,9 +68,7 @@ def inbound(suffix: str, mid: int, qos: int = 1) -> Inbound:
     )
 
 
-async def run(
-    dispatcher: SlowDispatcher, suffixes: Sequence[str], qos: int = 1
-) -> tuple[Link, Pipeline]:
+def two_shards(dispatcher: SlowDispatcher) -> tuple[Link, Pipeline]:
     link = Link()
     pipeline = Pipeline(
         cast(MqttLink, link),
@@ -81,6 +79,13 @@ async def run(
         batch_wait_s=0,
         depth=2,
     )
+    return link, pipeline
+
+
+async def run(
+    dispatcher: SlowDispatcher, suffixes: Sequence[str], qos: int = 1
+) -> tuple[Link, Pipeline]:
+    link, pipeline = two_shards(dispatcher)
     running = asyncio.create_task(pipeline.run())
     for mid, suffix in enumerate(suffixes, 1):
         pipeline.submit(inbound(suffix, mid, qos))
@@ -134,17 +139,7 @@ async def test_records_and_bulks_without_a_barrier_still_run_side_by_side() -> N
 async def test_the_oldest_pending_arrival_is_what_the_sweeper_may_close_up_to() -> None:
     """A session is not swept past a request still queued from before its deadline (an
     extend sent in time was refused SESSION_EXPIRED when the sweeper got there first)."""
-    dispatcher = SlowDispatcher({"records/bulk": 0.3})
-    link = Link()
-    pipeline = Pipeline(
-        cast(MqttLink, link),
-        cast(Dispatcher, dispatcher),
-        Metrics(),
-        Topics(P),
-        batch_max=100,
-        batch_wait_s=0,
-        depth=2,
-    )
+    link, pipeline = two_shards(SlowDispatcher({"records/bulk": 0.3}))
     assert pipeline.oldest_pending_arrival() is None
     running = asyncio.create_task(pipeline.run())
     early = inbound("records/bulk", 1)

@@ -238,13 +238,17 @@ async def test_the_sweeper_leaves_a_session_a_queued_request_arrived_in_time_for
     now = datetime.now(UTC)
     sid = await opened(service, who, tenant.open_payload(), now)
     deadline = now - timedelta(seconds=30)
-    await execute(
-        database,
-        "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
-        sid,
-        deadline,
-    )
-    service.session_changed(sid)
+
+    async def deadline_passed() -> None:  # 30 s ago, by hand (the NOTIFY delivered at once)
+        await execute(
+            database,
+            "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
+            sid,
+            deadline,
+        )
+        service.session_changed(sid)
+
+    await deadline_passed()
     pending: list[datetime | None] = [deadline - timedelta(seconds=1)]  # queued in time
 
     async def one_sweep() -> None:
@@ -263,13 +267,7 @@ async def test_the_sweeper_leaves_a_session_a_queued_request_arrived_in_time_for
     assert extended == {"maxDurationHours": 20}
 
     # what is queued now arrived after the (new) deadline: the sweep goes ahead
-    await execute(
-        database,
-        "UPDATE production_sessions SET expires_at = $2 WHERE session_id = $1",
-        sid,
-        deadline,
-    )
-    service.session_changed(sid)
+    await deadline_passed()
     pending[0] = None
     await one_sweep()
     got = await service.get_session(who, sid)

@@ -184,10 +184,15 @@ class Pipeline:
         """When the oldest request not yet answered arrived (None: none waits). The sweeper
         closes no session whose deadline is past this: a request that arrived before the
         deadline and still waits here is judged as it arrived (SPEC §5)."""
+        oldest = self._oldest_open()
+        return oldest.received_at if oldest is not None else None
+
+    def _oldest_open(self) -> Inbound | None:
+        """The oldest request not yet answered (answered ones are dropped on the way)."""
         open_ = self._open
         while open_ and open_[0].done:
             open_.popleft()
-        return open_[0].received_at if open_ else None
+        return open_[0] if open_ else None
 
     def stop(self) -> None:
         """Take no new batch; the ones in hand are finished and acknowledged."""
@@ -223,10 +228,7 @@ class Pipeline:
         if barrier is None or head.seq < barrier.seq:
             return None
         if head is barrier:
-            open_ = self._open
-            while open_ and open_[0].done:
-                open_.popleft()
-            return barrier if open_ and open_[0] is not barrier else None
+            return barrier if self._oldest_open() is not barrier else None
         return barrier
 
     # the loop -----------------------------------------------------------------------------
@@ -370,9 +372,7 @@ class Pipeline:
                 self._metrics.inc("gateway_replies_unpublishable_total")
             msg.done = True
         self._flush_acks()
-        open_ = self._open
-        while open_ and open_[0].done:
-            open_.popleft()
+        self._oldest_open()  # (drops the answered: the deque stays as long as the backlog)
         self._progressed()
 
     def _flush_acks(self) -> None:

@@ -24,6 +24,7 @@ from gateway.transport.dispatch import Dispatcher, Reply
 from gateway.transport.mqtt import Inbound, MqttLink
 from gateway.transport.pipeline import Pipeline
 from tests.core.test_pipeline_policy import Link
+from tests.core.test_pipeline_policy import inbound as policy_inbound
 
 P = "hydrobit/v2"
 S0, S1 = "sA", "sD"  # sessions of shard 0 and shard 1 (crc32 % 2)
@@ -55,17 +56,7 @@ class SlowDispatcher:
 
 
 def inbound(suffix: str, mid: int, qos: int = 1) -> Inbound:
-    return Inbound(
-        topic=f"{P}/{suffix}",
-        payload=b"{}",
-        qos=qos,
-        mid=mid,
-        response_topic=None,
-        correlation=None,
-        authorization=None,
-        received_at=datetime.now(UTC),
-        epoch=1,
-    )
+    return policy_inbound(mid, f"{P}/{suffix}", qos)
 
 
 def two_shards(dispatcher: SlowDispatcher) -> tuple[Link, Pipeline]:

@@ -55,11 +55,11 @@ class Dispatcher_:
         return [Reply(f"{m.topic}/reply", b"INTERNAL", None) for m in batch]
 
 
-def inbound(mid: int) -> Inbound:
+def inbound(mid: int, topic: str = "hydrobit/v2/sessions/s1/records", qos: int = 1) -> Inbound:
     return Inbound(
-        topic="hydrobit/v2/sessions/s1/records",
+        topic=topic,
         payload=b"{}",
-        qos=1,
+        qos=qos,
         mid=mid,
         response_topic=None,
         correlation=None,
